@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmark scripts: model fetching, timing, bandwidth, tables."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.smollm2 import cache_dir
+
+
+def default_model_dir() -> Path:
+    """SmolLM2 converted into the yoro-jax cache (converted on first use)."""
+    from convert.core import convert
+
+    out = cache_dir() / "smollm2-float32"
+    if not (out / "yoro_jax.json").is_file():
+        convert("smollm2", out, overwrite=out.exists())
+    return out
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> float:
+    """Minimum wall time of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Sustained memory read bandwidth (GB/s) as XLA sees it: a sum over a large array."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = best_of(lambda: total(x).block_until_ready(), repeats)
+    return x.nbytes / seconds / 1e9
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny random HF Llamas, and the real SmolLM2 (converted once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from yoro_jax.batch import left_pad
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_hf_config(**overrides):
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    kwargs = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return HFLlamaConfig(**kwargs)
+
+
+def tiny_hf_model(seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_hf_config(**overrides)).eval()
+    # HF initialises norms to 1; randomise them so parity tests exercise the norm weights
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def params_from_hf(model):
+    """Our config + params from an in-memory HF model (through the converter's mapping)."""
+    from convert.mapping import hf_to_params
+    from yoro_jax.config import LlamaConfig
+
+    cfg = LlamaConfig.from_hf_dict(model.config.to_dict())
+    tensors = ((k, v.detach().float().numpy()) for k, v in model.state_dict().items())
+    params = jax.tree.map(jax.numpy.asarray, hf_to_params(cfg, tensors))
+    return cfg, params
+
+
+def random_batch(rng: np.random.RandomState, lengths: list[int], vocab: int, width: int):
+    """Left-padded [B, width] tokens + valid mask for rows of the given lengths."""
+    tokens = np.zeros((len(lengths), width), np.int32)
+    valid = np.zeros((len(lengths), width), bool)
+    for row, n in enumerate(lengths):
+        tokens[row, width - n :] = rng.randint(3, vocab, n)
+        valid[row, width - n :] = True
+    return tokens, valid
+
+
+def cached_logits(decoder, params, prompts, continuations, width):
+    """Drive prefill + steps by hand, feeding given tokens: logits [B, steps, V]."""
+    tokens, valid = left_pad(prompts, width, 0)
+    steps = continuations.shape[1]
+    kv_valid = jnp.zeros((len(prompts), width + steps), bool).at[:, :width].set(valid)
+    prefill, step = jax.jit(decoder.prefill), jax.jit(decoder.step)
+    logits, caches = prefill(params, tokens, valid, kv_valid)
+    out = [logits]
+    positions = valid.sum(1)
+    for i in range(steps - 1):
+        kv_valid = kv_valid.at[:, width + i].set(True)
+        logits, caches = step(
+            params, caches, continuations[:, i : i + 1], (positions + i)[:, None], kv_valid,
+            width + i,
+        )  # fmt: skip
+        out.append(logits)
+    return np.stack([np.asarray(x) for x in out], axis=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from convert.smollm2 import fetch_smollm2_gguf
+
+    return fetch_smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 converted from its GGUF (reuses YORO_JAX_TEST_MODEL if it points at one)."""
+    from convert.core import convert
+
+    existing = os.environ.get("YORO_JAX_TEST_MODEL")
+    if existing and (Path(existing) / "yoro_jax.json").is_file():
+        return Path(existing)
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    convert(str(smollm2_gguf), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from yoro_jax.checkpoint import load_model
+
+    return load_model(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' own float32 load of the same GGUF: the parity reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "List three prime numbers and explain why 1 is not prime.",
+    "Translate 'good morning' into Spanish and German.",
+]

@@ -1,0 +1,216 @@
+"""YORO: teacher forcing == "reason once" KV-cached generation, on tiny models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import cached_logits, params_from_hf, tiny_hf_model
+from yoro_jax import llama
+from yoro_jax.batch import prompt_response_layout
+from yoro_jax.checkpoint import CheckpointError, Model
+from yoro_jax.config import ConfigError
+from yoro_jax.generate import generate_tokens
+from yoro_jax.yoro import (
+    Yoro,
+    YoroConfig,
+    YoroDecoder,
+    init_trainable,
+    load_yoro,
+    param_summary,
+    save_yoro,
+)
+
+SPLITS = {
+    "reference": YoroConfig(2, 2, 2, 2, 1),
+    "lean": YoroConfig(1, 1, 1, 1, 2),
+    "no-embedding-block": YoroConfig(0, 2, 0, 0, 0),
+}
+
+
+def randomise_biases(trainable, key):
+    """Xavier init has zero biases; random ones make the MLP paths non-trivial in tests."""
+    leaves, tree = jax.tree.flatten_with_path(trainable)
+    keys = jax.random.split(key, len(leaves))
+    out = [
+        0.1 * jax.random.normal(k, leaf.shape) if "bias" in jax.tree_util.keystr(path) else leaf
+        for (path, leaf), k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(tree, out)
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    return params_from_hf(tiny_hf_model(seed=21, num_hidden_layers=6))
+
+
+def make_yoro(tiny_base, ycfg, seed=0):
+    cfg, frozen = tiny_base
+    model = Yoro(cfg, ycfg)
+    trainable = randomise_biases(init_trainable(ycfg, cfg, jax.random.key(seed)), jax.random.key(1))
+    return model, frozen, trainable
+
+
+@pytest.mark.parametrize("split", sorted(SPLITS))
+def test_cached_generation_equals_teacher_forcing(tiny_base, split):
+    model, frozen, trainable = make_yoro(tiny_base, SPLITS[split])
+    rng = np.random.RandomState(0)
+    prompts = [list(rng.randint(3, 256, n)) for n in (7, 13, 3)]
+    completions = generate_tokens(
+        YoroDecoder(model), (frozen, trainable), prompts, max_new_tokens=20, eos_ids=[], pad_id=0
+    )
+    responses = [c.tokens for c in completions]
+    assert all(len(r) == 20 for r in responses)
+
+    # teacher forcing with a different boundary (13) than generation used (16)
+    tokens, valid, _ = prompt_response_layout(prompts, responses, 13, 13 + 20, 0)
+    tf = np.asarray(jax.jit(model.forward, static_argnums=4)(frozen, trainable, tokens, valid, 13))
+    predicting = tf[:, 12:-1]  # positions P-1 .. T-2 predict the 20 response tokens
+    assert (predicting.argmax(-1) == np.asarray(responses)).all()
+
+    cached = cached_logits(YoroDecoder(model), (frozen, trainable), prompts,
+                           np.asarray(responses, np.int32), width=16)  # fmt: skip
+    np.testing.assert_allclose(cached, predicting, atol=1e-4)
+
+
+def naive_yoro_generate(model: Yoro, frozen, trainable, prompt, n, width=48):
+    """The original's algorithm: recompute everything from scratch for every new token.
+
+    Written from the layer primitives, independently of Yoro.hidden_states. Sequences are
+    right-padded to a fixed width (causal, so padding after position n-1 changes nothing).
+    """
+    cfg, ycfg, p = model.base, model.ycfg, len(prompt)
+    layers = frozen["layers"]
+    emb, reason = layers[: ycfg.embedding_layers], layers[ycfg.embedding_layers :]
+    reason, coh = (
+        reason[: len(reason) - ycfg.coherence_layers],
+        layers[len(layers) - ycfg.coherence_layers :],
+    )
+
+    @jax.jit
+    def last_logits(tokens, n_real):
+        valid = jnp.arange(width)[None] < n_real
+        rope = llama.rope_tables(cfg, jnp.arange(width)[None])
+        mask = llama.attention_mask(valid, 0, width)
+        e = llama.run_layers(cfg, emb, llama.embed_tokens(frozen, tokens), rope, mask)[0]
+        prompt_rope = tuple(t[:, :p] for t in rope)
+        r = llama.run_layers(cfg, reason, e[:, :p], prompt_rope, mask[:, :p, :p])[0]
+        first = llama.head(
+            cfg, frozen, llama.run_layers(cfg, coh, r, prompt_rope, mask[:, :p, :p])[0]
+        )
+        r_padded = jnp.concatenate([r, jnp.zeros((1, width - p, cfg.hidden_size))], axis=1)
+        comp = llama.run_layers(cfg, trainable["compensation"], e, rope, mask)[0]
+        z = model.concat(trainable, model.adapt(trainable, r_padded) + comp)
+        rest = llama.head(cfg, frozen, llama.run_layers(cfg, coh, z, rope, mask)[0])
+        return jnp.where(n_real == p, first[0, p - 1], rest[0, n_real - 1])
+
+    seq = list(prompt)
+    for _ in range(n):
+        padded = np.zeros((1, width), np.int32)
+        padded[0, : len(seq)] = seq
+        seq.append(int(np.argmax(np.asarray(last_logits(padded, len(seq))))))
+    return seq[p:]
+
+
+def test_cached_generation_equals_naive_full_recompute(tiny_base):
+    model, frozen, trainable = make_yoro(tiny_base, SPLITS["reference"], seed=3)
+    rng = np.random.RandomState(4)
+    prompts = [list(rng.randint(3, 256, n)) for n in (5, 11)]
+    completions = generate_tokens(
+        YoroDecoder(model), (frozen, trainable), prompts, max_new_tokens=16, eos_ids=[], pad_id=0
+    )
+    for prompt, completion in zip(prompts, completions, strict=True):
+        assert completion.tokens == naive_yoro_generate(model, frozen, trainable, prompt, 16)
+
+
+def test_reasoning_block_runs_once_per_generate_call(tiny_base, monkeypatch):
+    model, frozen, trainable = make_yoro(tiny_base, SPLITS["reference"])
+    executions = []
+    original = Yoro.reason
+
+    def counted(self, *args):
+        jax.debug.callback(lambda: executions.append(1))
+        return original(self, *args)
+
+    monkeypatch.setattr(Yoro, "reason", counted)
+    jax.clear_caches()  # make sure the counting version is what gets traced
+    for max_new, chunk in ((24, None), (17, 4)):
+        executions.clear()
+        out = generate_tokens(
+            YoroDecoder(model), (frozen, trainable), [[5, 6, 7], [8, 9]],
+            max_new_tokens=max_new, eos_ids=[], pad_id=0, chunk=chunk,
+        )  # fmt: skip
+        assert len(out[0].tokens) == max_new
+        assert len(executions) == 1
+    jax.clear_caches()
+
+
+def test_only_trainable_params_get_gradients(tiny_base):
+    model, frozen, trainable = make_yoro(tiny_base, SPLITS["reference"])
+    tokens, valid, response = prompt_response_layout(
+        [[5, 6, 7], [9] * 6], [[3, 4], [8, 8, 8]], 6, 10, 0
+    )
+
+    def loss(trainable, frozen):
+        hidden = model.response_hidden(frozen, trainable, tokens, valid, 6)
+        return jnp.sum(model.logits(frozen, hidden) ** 2) * 1e-6
+
+    grads = jax.jit(jax.grad(loss))(trainable, frozen)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    for path, g in jax.tree.flatten_with_path(grads)[0]:
+        assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
+    # frozen params are not an argument of differentiation: the gradient computation's
+    # outputs are exactly the trainable leaves
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(trainable, frozen)
+    assert len(jaxpr.out_avals) == len(jax.tree.leaves(trainable))
+
+
+def test_response_hidden_selects_the_predicting_positions(tiny_base):
+    model, frozen, trainable = make_yoro(tiny_base, SPLITS["lean"])
+    tokens, valid, _ = prompt_response_layout([[5, 6, 7], [9] * 6], [[3, 4], [8, 8, 8]], 6, 10, 0)
+    full = np.asarray(model.forward(frozen, trainable, tokens, valid, 6))
+    hidden = model.response_hidden(frozen, trainable, tokens, valid, 6)
+    np.testing.assert_allclose(np.asarray(model.logits(frozen, hidden)), full[:, 5:], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ycfg,match",
+    [
+        (YoroConfig(3, 3), "leaves no reasoning layer"),
+        (YoroConfig(embedding_layers=-1), "embedding_layers must be an integer >= 0"),
+        (YoroConfig(adaptation_layers=1.5), "adaptation_layers must be an integer"),
+    ],
+)
+def test_invalid_splits_are_config_errors(tiny_base, ycfg, match):
+    with pytest.raises(ConfigError, match=match):
+        Yoro(tiny_base[0], ycfg)
+
+
+def test_param_summary(tiny_base):
+    model, frozen, trainable = make_yoro(tiny_base, SPLITS["reference"])
+    summary = param_summary(model, frozen, trainable)
+    per_layer = sum(x.size for x in jax.tree.leaves(frozen["layers"][0]))
+    assert summary["reasoning_layers"] == 2
+    assert summary["executed_per_token_full"] - summary["executed_per_token_yoro"] == (
+        2 * per_layer - sum(x.size for x in jax.tree.leaves(trainable["compensation"]))
+        - sum(x.size for x in jax.tree.leaves(trainable["concatenation"]))
+    )  # fmt: skip
+    assert summary["trainable"] == sum(x.size for x in jax.tree.leaves(trainable))
+
+
+def test_save_load_round_trip_and_base_mismatch(tiny_base, tmp_path):
+    ycfg = SPLITS["lean"]
+    model, frozen, trainable = make_yoro(tiny_base, ycfg)
+    base = Model(tiny_base[0], frozen, None, tmp_path / "base", "a" * 64)
+    save_yoro(tmp_path / "nets", ycfg, trainable, base.path, base.fingerprint)
+    loaded_cfg, loaded, _ = load_yoro(tmp_path / "nets", base)
+    assert loaded_cfg == ycfg
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(trainable), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = Model(tiny_base[0], frozen, None, tmp_path / "other", "b" * 64)
+    with pytest.raises(CheckpointError, match="trained on a different base model"):
+        load_yoro(tmp_path / "nets", other)
+    with pytest.raises(CheckpointError, match="no trained YORO nets"):
+        load_yoro(tmp_path, base)

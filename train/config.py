@@ -1,0 +1,251 @@
+"""Typed training configuration: YAML file + ``--set path.to.field=value`` overrides.
+
+Every field has a type and a default; unknown keys, wrong types and invalid values are
+rejected with the field's dotted path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from yoro_jax.config import ConfigError
+from yoro_jax.yoro import YoroConfig
+
+PROMPT_FORMATS = (
+    "builtin",
+    "generic",
+    "self-instruct",
+    "alpaca-gpt4",
+    "dolly-15k",
+    "wizardlm",
+    "slimorca",
+    "openhermes",
+)
+
+
+@dataclasses.dataclass
+class ModelSection:
+    path: str = "smollm2"  # a model dir, "smollm2" (fetched + converted) or "tiny-random"
+    dtype: str = "float32"  # frozen base weights: float32 | bfloat16
+
+
+@dataclasses.dataclass
+class PromptSource:
+    source: str = "builtin"  # "builtin", a local .json/.jsonl/.parquet, or a hub dataset id
+    format: str = "builtin"  # one of PROMPT_FORMATS
+    split: str = "train"
+    limit: int | None = None
+
+
+@dataclasses.dataclass
+class DataSection:
+    prompts: list[PromptSource] = dataclasses.field(default_factory=lambda: [PromptSource()])
+    validation_prompts: int = 16  # held out from training, for validation metrics
+    max_prompt_tokens: int = 256
+    system_prompt: str | None = None
+
+
+@dataclasses.dataclass
+class TeacherSection:
+    max_new_tokens: int = 256
+    top_k: int = 10
+    batch_size: int = 8
+    shard_size: int = 64
+
+
+@dataclasses.dataclass
+class LossSection:
+    mode: str = "offline"  # offline: stored top-k; online: teacher logits in the step
+    soft_temperature: float = 3.0
+    ce_weight: float = 0.0  # hard-label cross-entropy on the teacher's tokens
+    logits_chunk: int = 64  # response positions per chunk of LM-head + loss
+
+
+@dataclasses.dataclass
+class OptimSection:
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+@dataclasses.dataclass
+class TrainSection:
+    batch_size: int = 32
+    epochs: int = 10
+    max_steps: int | None = None  # stop early (counts optimizer steps)
+    seed: int = 0
+    compute_dtype: str = "auto"  # auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
+    log_every: int = 10
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    every_steps: int = 1000
+    keep: int = 3
+
+
+@dataclasses.dataclass
+class EvalSection:
+    every_steps: int = 500
+    sample_prompts: list[str] = dataclasses.field(
+        default_factory=lambda: ["What is the capital of France?", "Give me three tips for sleep."]
+    )
+    sample_max_new_tokens: int = 48
+
+
+@dataclasses.dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    yoro: YoroConfig = dataclasses.field(default_factory=YoroConfig)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    teacher: TeacherSection = dataclasses.field(default_factory=TeacherSection)
+    loss: LossSection = dataclasses.field(default_factory=LossSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+
+# ------------------------------------------------------------------------ validation
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "loss.mode": ("offline", "online"),
+    "train.compute_dtype": ("auto", "float32", "bfloat16"),
+}
+_POSITIVE = {
+    "data.max_prompt_tokens", "teacher.max_new_tokens", "teacher.top_k", "teacher.batch_size",
+    "teacher.shard_size", "loss.soft_temperature", "loss.logits_chunk", "optim.lr",
+    "optim.grad_accum", "train.batch_size", "train.epochs", "train.max_steps",
+    "train.log_every", "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps",
+    "eval.sample_max_new_tokens",
+}  # fmt: skip
+_NON_NEGATIVE = {
+    "data.validation_prompts", "loss.ce_weight", "optim.weight_decay", "optim.warmup_steps",
+    "optim.clip_norm", "train.seed",
+}  # fmt: skip
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _build(tp: Any, value: Any, path: str) -> Any:
+    """Convert ``value`` (from YAML) to type ``tp``, or raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        real = [t for t in options if t is not type(None)]
+        return _build(real[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            where = f"{path}." if path else ""
+            raise ConfigError(
+                f"unknown key {where}{unknown[0]}; allowed keys here: {', '.join(sorted(names))}"
+            )
+        kwargs = {k: _build(hints[k], v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        instance = tp(**kwargs)
+        return instance
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_build(item, v, f"{path}.{i}") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (
+        not isinstance(value, tp) or (tp is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
+    return value
+
+
+def _check_values(cfg: RunConfig) -> None:
+    def get(path: str) -> Any:
+        obj: Any = cfg
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for path, allowed in _CHOICES.items():
+        if get(path) not in allowed:
+            raise ConfigError(f"{path}: {get(path)!r} is not one of {', '.join(allowed)}")
+    for path in _POSITIVE:
+        value = get(path)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{path}: must be > 0, got {value}")
+    for path in _NON_NEGATIVE:
+        if get(path) < 0:
+            raise ConfigError(f"{path}: must be >= 0, got {get(path)}")
+    if not cfg.data.prompts:
+        raise ConfigError("data.prompts: at least one prompt source is needed")
+    for i, source in enumerate(cfg.data.prompts):
+        if source.format not in PROMPT_FORMATS:
+            raise ConfigError(
+                f"data.prompts.{i}.format: {source.format!r} is not one of "
+                f"{', '.join(PROMPT_FORMATS)}"
+            )
+        if source.limit is not None and source.limit <= 0:
+            raise ConfigError(f"data.prompts.{i}.limit: must be > 0, got {source.limit}")
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the raw config mapping."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected path.to.field=value")
+    path, text = assignment.split("=", 1)
+    parts = path.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {path}: {'.'.join(parts[: i + 1])} is not a list index")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    value = yaml.safe_load(text) if text.strip() else None
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {path}: {last} is not a list index")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = _build(RunConfig, raw, "")
+    _check_values(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,209 @@
+"""Prompts -> chat messages -> token ids; teacher records on ArrayRecord; training batches."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.config import DataSection, PromptSource
+from yoro_jax.config import ConfigError
+
+Messages = list[dict[str, str]]
+
+# ------------------------------------------------------------------ built-in prompt set
+# The embedded default needs no network: a small, varied instruction set built from
+# templates (deterministic, a few hundred prompts).
+_TEMPLATES = [
+    "Explain {} to a ten-year-old.",
+    "Write a short poem about {}.",
+    "Give three interesting facts about {}.",
+    "What are the pros and cons of {}?",
+    "Write a two-sentence story involving {}.",
+    "Describe {} in one paragraph.",
+    "How would you teach someone about {}?",
+    "List five words related to {} and explain each briefly.",
+]
+_SUBJECTS = [
+    "the water cycle", "volcanoes", "honey bees", "the moon", "electric cars", "chess",
+    "photosynthesis", "the internet", "rainbows", "the Roman Empire", "coffee", "penguins",
+    "recycling", "gravity", "the human heart", "jazz music", "deserts", "solar panels",
+    "friendship", "public libraries", "earthquakes", "the printing press", "octopuses",
+    "bicycles", "clouds", "vaccines", "the ocean tides", "mountains", "origami", "bread baking",
+]  # fmt: skip
+_QUESTIONS = [
+    "What is the capital of Japan?", "How many days are in a leap year?",
+    "Convert 100 degrees Fahrenheit to Celsius and show the steps.",
+    "What is 17 multiplied by 23?", "Translate 'thank you very much' into French.",
+    "Suggest a name for a friendly robot.", "What should I pack for a weekend hike?",
+    "Write a haiku about winter mornings.", "Give me a simple recipe for tomato soup.",
+    "Why do leaves change colour in autumn?", "Summarise the story of Cinderella in three sentences.",
+    "What is the difference between a virus and a bacterium?",
+    "Write a polite email declining a meeting invitation.",
+    "How do I reverse a list in Python?", "Name three planets and one fact about each.",
+    "What are good habits for studying?", "Explain what a prime number is with examples.",
+    "Write a limerick about a cat.", "What causes thunder?", "How does a compass work?",
+]  # fmt: skip
+
+
+def builtin_prompts() -> list[Messages]:
+    prompts = [t.format(s) for t, s in itertools.product(_TEMPLATES, _SUBJECTS)]
+    order = np.random.RandomState(1234).permutation(len(prompts))
+    return [[{"role": "user", "content": q}] for q in _QUESTIONS] + [
+        [{"role": "user", "content": prompts[i]}] for i in order
+    ]
+
+
+# --------------------------------------------------------------- dataset field mappings
+def _join(*parts: Any) -> str:
+    return "\n\n".join(str(p).strip() for p in parts if p and str(p).strip())
+
+
+def _conversation(record: dict[str, Any], key: str = "conversations") -> Messages | None:
+    """ShareGPT-style turns -> system + first user message (the prompt part)."""
+    roles = {"system": "system", "human": "user", "user": "user"}
+    messages: Messages = []
+    for turn in record.get(key) or []:
+        role = roles.get(turn.get("from") or turn.get("role"))
+        text = turn.get("value") or turn.get("content") or ""
+        if role == "system" and text.strip():
+            messages.append({"role": "system", "content": text.strip()})
+        elif role == "user":
+            messages.append({"role": "user", "content": text.strip()})
+            return messages
+    return None
+
+
+def record_to_messages(record: dict[str, Any], fmt: str) -> Messages | None:
+    """One dataset row -> chat messages ending in the user turn; None if it has no prompt."""
+    if fmt in ("generic", "alpaca-gpt4"):
+        text = _join(record.get("instruction"), record.get("input"))
+    elif fmt == "self-instruct":
+        instances = record.get("instances") or [{}]
+        text = _join(record.get("instruction"), instances[0].get("input"))
+    elif fmt == "dolly-15k":
+        text = _join(record.get("instruction"), record.get("context"))
+    elif fmt in ("wizardlm", "slimorca", "openhermes"):
+        return _conversation(record)
+    else:
+        raise ConfigError(f"unknown prompt format {fmt!r}")
+    return [{"role": "user", "content": text}] if text else None
+
+
+def load_source(source: PromptSource) -> list[Messages]:
+    if source.format == "builtin" or source.source == "builtin":
+        prompts = builtin_prompts()
+    else:
+        rows = _dataset_rows(source)
+        prompts = [m for m in (record_to_messages(r, source.format) for r in rows) if m]
+    return prompts[: source.limit] if source.limit else prompts
+
+
+def _dataset_rows(source: PromptSource) -> Any:
+    import datasets
+
+    path = Path(source.source)
+    try:
+        if path.exists():
+            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+            if kind is None:
+                raise ConfigError(f"{path}: expected a .json, .jsonl or .parquet file")
+            return datasets.load_dataset(kind, data_files=str(path), split="train")
+        return datasets.load_dataset(source.source, split=source.split)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"could not load prompts from {source.source!r}: {err}") from err
+
+
+def encode(tokenizer: Any, messages: Messages, system: str | None) -> list[int]:
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load_prompts(data: DataSection, tokenizer: Any) -> list[list[int]]:
+    """All configured prompts as token ids; over-long prompts are truncated and reported."""
+    prompts = [encode(tokenizer, m, data.system_prompt) for s in data.prompts for m in load_source(s)]
+    too_long = [len(p) for p in prompts if len(p) > data.max_prompt_tokens]
+    if too_long:
+        print(
+            f"data: {len(too_long)} of {len(prompts)} prompts exceed max_prompt_tokens="
+            f"{data.max_prompt_tokens} (longest {max(too_long)}); keeping their last "
+            f"{data.max_prompt_tokens} tokens",
+            file=sys.stderr,
+        )
+    return [p[-data.max_prompt_tokens :] for p in prompts]
+
+
+# --------------------------------------------------------------------- teacher records
+def serialize(example: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **example)
+    return buffer.getvalue()
+
+
+def deserialize(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+class TeacherRecords:
+    """Random-access view over teacher ArrayRecord shards (a grain data source)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        from grain.sources import ArrayRecordDataSource
+
+        self._source = ArrayRecordDataSource([str(p) for p in paths])
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return deserialize(self._source[index])
+
+
+# ---------------------------------------------------------------------------- batches
+def bucket(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def collate(examples: Sequence[dict[str, np.ndarray]], pad_id: int, top_k: int) -> dict[str, np.ndarray]:
+    """Examples -> one batch in the prompt|response layout with bucketed static shapes.
+
+    Keys: tokens/valid [B, T]; prompt_len (P, a Python int); targets [B, R] (the teacher's
+    tokens), target_mask [B, R]; top_ids/top_logprobs [B, R, k] where R = T - P and target
+    j is predicted at position P-1+j.
+    """
+    from yoro_jax.batch import prompt_response_layout
+
+    prompts = [e["prompt"] for e in examples]
+    responses = [e["response"] for e in examples]
+    prompt_len = bucket(max(len(p) for p in prompts))
+    resp_len = bucket(max(len(r) for r in responses))
+    tokens, valid, _ = prompt_response_layout(prompts, responses, prompt_len, prompt_len + resp_len,
+                                              pad_id)  # fmt: skip
+    batch = len(examples)
+    targets = np.full((batch, resp_len), pad_id, np.int32)
+    mask = np.zeros((batch, resp_len), bool)
+    top_ids = np.zeros((batch, resp_len, top_k), np.int32)
+    top_logprobs = np.zeros((batch, resp_len, top_k), np.float32)
+    for row, e in enumerate(examples):
+        n = len(e["response"])
+        targets[row, :n], mask[row, :n] = e["response"], True
+        top_ids[row, :n], top_logprobs[row, :n] = e["top_ids"][:, :top_k], e["top_logprobs"][:, :top_k]
+    return {
+        "tokens": tokens, "valid": valid, "prompt_len": prompt_len, "targets": targets,
+        "target_mask": mask, "top_ids": top_ids, "top_logprobs": top_logprobs,
+    }  # fmt: skip
+
+
+def batches(examples: Sequence[dict[str, np.ndarray]], size: int, pad_id: int, top_k: int) -> Iterator[dict]:
+    for start in range(0, len(examples), size):
+        yield collate(examples[start : start + size], pad_id, top_k)

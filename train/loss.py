@@ -1,0 +1,91 @@
+"""Distillation losses, computed over response positions in chunks.
+
+The LM head turns [B, R, d] hidden states into [B, R, V] logits: the largest buffer in
+training. We never materialise it: positions are processed ``chunk`` at a time under
+``jax.checkpoint``, so forward and backward hold one [B, chunk, V] slice at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def sparse_kl(logits, top_ids, top_logprobs, temperature: float) -> jax.Array:
+    """KL(p || q) per position on the teacher's top-k ids (DESIGN §4).
+
+    p_i ∝ exp(logp_i / T) over the top-k; q = student softmax over the full vocabulary.
+    """
+    log_p = jax.nn.log_softmax(top_logprobs / temperature, axis=-1)
+    log_q = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), top_ids, axis=-1)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def dense_kl(logits, teacher_logits, temperature: float) -> jax.Array:
+    """KL(teacher || student) per position over the full vocabulary, both at temperature T."""
+    log_p = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def cross_entropy(logits, targets) -> jax.Array:
+    log_q = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_q, targets[..., None], axis=-1)[..., 0]
+
+
+def chunked_sums(
+    head: Callable[[jax.Array], jax.Array],
+    hidden: jax.Array,  # [B, R, d] student hidden states at predicting positions
+    batch: dict[str, jax.Array],
+    *,
+    temperature: float,
+    ce_weight: float,
+    chunk: int,
+    teacher_hidden: jax.Array | None = None,  # [B, R, d]: online mode
+) -> dict[str, jax.Array]:
+    """Sums over valid positions: kl, ce, top-1 agreement, and the position count."""
+    b, r, _ = hidden.shape
+    chunk = min(chunk, r)
+    if r % chunk:
+        raise ValueError(f"response length {r} is not a multiple of logits_chunk {chunk}")
+
+    def split(x):  # [B, R, ...] -> [R/chunk, B, chunk, ...]
+        return jnp.moveaxis(x.reshape(b, r // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    xs = {
+        "hidden": split(hidden),
+        "mask": split(batch["target_mask"]),
+        "targets": split(batch["targets"]),
+        "top_ids": split(batch["top_ids"]),
+        "top_logprobs": split(batch["top_logprobs"]),
+    }
+    if teacher_hidden is not None:
+        xs["teacher_hidden"] = split(teacher_hidden)
+
+    @jax.checkpoint
+    def one_chunk(x):
+        logits = head(x["hidden"])
+        mask = x["mask"].astype(jnp.float32)
+        if "teacher_hidden" in x:
+            teacher_logits = jax.lax.stop_gradient(head(x["teacher_hidden"]))
+            kl = dense_kl(logits, teacher_logits, temperature)
+            teacher_top1 = jnp.argmax(teacher_logits, axis=-1)
+        else:
+            kl = sparse_kl(logits, x["top_ids"], x["top_logprobs"], temperature)
+            teacher_top1 = x["top_ids"][..., 0]
+        ce = cross_entropy(logits, x["targets"]) if ce_weight else jnp.zeros_like(kl)
+        agree = (jnp.argmax(logits, axis=-1) == teacher_top1).astype(jnp.float32)
+        return {
+            "kl": jnp.sum(kl * mask),
+            "ce": jnp.sum(ce * mask),
+            "top1": jnp.sum(agree * mask),
+            "count": jnp.sum(mask),
+        }
+
+    def body(total, x):
+        return jax.tree.map(jnp.add, total, one_chunk(x)), None
+
+    zero = {k: jnp.float32(0) for k in ("kl", "ce", "top1", "count")}
+    return jax.lax.scan(body, zero, xs)[0]

@@ -1,0 +1,181 @@
+"""Model directories: orbax params + HF-style config.json + tokenizer files + metadata.
+
+A model directory is written into a temporary sibling and renamed into place only when
+complete, and ``yoro_jax.json`` (written last) marks it complete, so an interrupted write
+never leaves something that loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from yoro_jax.config import LlamaConfig
+from yoro_jax.llama import Params, init_params
+
+FORMAT_VERSION = 1
+META_FILE = "yoro_jax.json"
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class CheckpointError(RuntimeError):
+    """A model or run directory that is missing, incomplete or does not match."""
+
+
+def resolve_dtype(name: str | Any) -> Any:
+    if not isinstance(name, str):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def params_fingerprint(params: Any) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes: identifies a set of weights."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def save_pytree(path: Path, tree: Any) -> None:
+    """Synchronously save a pytree of arrays with orbax."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(path).absolute(), tree)
+        checkpointer.wait_until_finished()
+
+
+def restore_pytree(path: Path, abstract: Any) -> Any:
+    """Restore a pytree saved by :func:`save_pytree` onto ``abstract``'s structure and dtypes.
+
+    Leaves come back as device arrays: orbax returns numpy for sharding-free targets, and
+    numpy params would be copied into every jitted call.
+    """
+    with ocp.StandardCheckpointer() as checkpointer:
+        return jax.device_put(checkpointer.restore(Path(path).absolute(), abstract))
+
+
+@contextmanager
+def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``out`` only if the block succeeds."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like mkdir's
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_model_dir(
+    out: Path,
+    cfg: LlamaConfig,
+    params: Params,
+    save_tokenizer: Callable[[Path], None] | None,
+    source: str,
+    overwrite: bool = False,
+) -> str:
+    """Write a complete model directory atomically; returns the params fingerprint."""
+    fingerprint = params_fingerprint(params)
+    dtype = str(np.asarray(params["embed"]).dtype)
+    with atomic_directory(out, overwrite) as tmp:
+        cfg.save(tmp / CONFIG_FILE)
+        save_pytree(tmp / PARAMS_DIR, params)
+        if save_tokenizer is not None:
+            save_tokenizer(tmp)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "source": source,
+            "dtype": dtype,
+            "fingerprint": fingerprint,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return fingerprint
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded base model: config, params pytree, tokenizer (if saved) and identity."""
+
+    config: LlamaConfig
+    params: Params
+    tokenizer: Any
+    path: Path | None
+    fingerprint: str
+
+
+def read_meta(model_dir: Path) -> dict[str, Any]:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model directory not found: {model_dir}")
+    meta_path = model_dir / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{model_dir} is not a complete yoro-jax model directory (no {META_FILE}); "
+            "create one with `python -m convert SOURCE --out DIR`"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{model_dir}: format_version {meta.get('format_version')} is not supported "
+            f"(this yoro-jax reads version {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def load_model(model_dir: str | Path, dtype: str | Any | None = None) -> Model:
+    """Load a model directory written by ``python -m convert``.
+
+    ``dtype`` (``"float32"``/``"bfloat16"``) casts the weights; default: as saved.
+    """
+    model_dir = Path(model_dir)
+    meta = read_meta(model_dir)
+    cfg = LlamaConfig.load(model_dir / CONFIG_FILE)
+    saved_dtype = resolve_dtype(meta["dtype"])
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), saved_dtype))
+    params = restore_pytree(model_dir / PARAMS_DIR, abstract)
+    if dtype is not None:
+        target = resolve_dtype(dtype)
+        params = jax.tree.map(lambda a: a.astype(target), params)
+    tokenizer = load_tokenizer(model_dir)
+    return Model(cfg, params, tokenizer, model_dir, meta["fingerprint"])
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer saved beside the params, or None if the directory has none."""
+    if not (Path(model_dir) / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -1,0 +1,286 @@
+"""Llama in Flax: the one decoder-layer implementation every block of yoro-jax is built from.
+
+Parameters are plain pytrees::
+
+    params = {
+        "embed":      [V, d],
+        "layers":     [layer_0, ..., layer_{N-1}],   # a list, so blocks are list slices
+        "final_norm": [d],
+        "lm_head":    [d, V],                        # absent when tied to "embed"
+    }
+    layer = {
+        "attn_norm": {"weight": [d]},
+        "attn": {"wq": [d, H, Dh], "wk": [d, KVH, Dh], "wv": [d, KVH, Dh], "wo": [H, Dh, d]},
+        "mlp_norm":  {"weight": [d]},
+        "mlp":  {"w_gate": [d, F], "w_up": [d, F], "w_down": [F, d]},
+    }
+
+Layers run on a *slot* layout: a batch is ``[B, S]`` slots, ``kv_valid[b, s]`` says which
+slots hold real tokens (left padding and not-yet-generated slots are invalid), and each
+row has its own rotary positions counted from its first real token. With a KV cache the
+new tokens are written at slots ``[slot, slot + T)``; without one the layer attends over
+the ``T`` tokens it is given. The cache is kept at KV-head size (no GQA repeat).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from yoro_jax.config import LlamaConfig
+
+Params = dict[str, Any]
+LayerCache = dict[str, jax.Array]  # {"k": [B, S, KVH, Dh], "v": [B, S, KVH, Dh]}
+Rope = tuple[jax.Array, jax.Array]  # (cos, sin), each [B, T, Dh] float32
+
+# HF Llama initialises every linear layer with N(0, initializer_range=0.02).
+_weight_init = nn.initializers.normal(stddev=0.02)
+
+
+# ------------------------------------------------------------------------ rotary embeddings
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [Dh/2], float32, with the rope_scaling variant applied (as HF)."""
+    dim = cfg.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+    inv_freq = (1.0 / (cfg.rope_theta**exponents)).astype(np.float32)
+    scaling = cfg.rope_scaling_dict
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif cfg.rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> Rope:
+    """cos/sin tables [B, T, Dh] for integer positions [B, T] (rotate-half layout, as HF)."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
+    """Rotate x [B, T, heads, Dh] by the tables of ``rope``."""
+    cos, sin = (t[:, :, None, :].astype(x.dtype) for t in rope)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def positions_from_valid(valid: jax.Array) -> jax.Array:
+    """Per-row positions [B, T] counted from each row's first real token (0 on padding)."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_mask(kv_valid: jax.Array, q_start: jax.Array | int, q_len: int) -> jax.Array:
+    """[B, T, S] bool: query at slot q_start+t may see key slot s iff s is valid and s <= it."""
+    key_slots = jnp.arange(kv_valid.shape[-1])
+    query_slots = q_start + jnp.arange(q_len)
+    causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+    return kv_valid[:, None, :] & causal[None]
+
+
+# ------------------------------------------------------------------------------ modules
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention; K/V cached at KV-head size."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, d]
+        rope: Rope,
+        mask: jax.Array,  # [B, T, S]
+        cache: LayerCache | None = None,
+        slot: jax.Array | int = 0,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        cfg = self.cfg
+        d, heads, kv_heads, dh = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        dtype = x.dtype
+        wq = self.param("wq", _weight_init, (d, heads, dh), jnp.float32).astype(dtype)
+        wk = self.param("wk", _weight_init, (d, kv_heads, dh), jnp.float32).astype(dtype)
+        wv = self.param("wv", _weight_init, (d, kv_heads, dh), jnp.float32).astype(dtype)
+        wo = self.param("wo", _weight_init, (heads, dh, d), jnp.float32).astype(dtype)
+
+        q = apply_rope(jnp.einsum("btd,dhk->bthk", x, wq), rope)  # [B, T, H, Dh]
+        k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk), rope)  # [B, T, KVH, Dh]
+        v = jnp.einsum("btd,dhk->bthk", x, wv)
+        if cache is not None:
+            start = (0, slot, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+            k, v = k.astype(dtype), v.astype(dtype)
+
+        batch, q_len = x.shape[:2]
+        q = q.reshape(batch, q_len, kv_heads, cfg.num_query_groups, dh)  # [B, T, KVH, G, Dh]
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * dh**-0.5
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, q_len, heads, dh)
+        return jnp.einsum("bthk,hkd->btd", out, wo), cache
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, f, dtype = self.cfg.hidden_size, self.cfg.intermediate_size, x.dtype
+        w_gate = self.param("w_gate", _weight_init, (d, f), jnp.float32).astype(dtype)
+        w_up = self.param("w_up", _weight_init, (d, f), jnp.float32).astype(dtype)
+        w_down = self.param("w_down", _weight_init, (f, d), jnp.float32).astype(dtype)
+        return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        rope: Rope,
+        mask: jax.Array,
+        cache: LayerCache | None = None,
+        slot: jax.Array | int = 0,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        eps = self.cfg.rms_norm_eps
+        attn_out, cache = Attention(self.cfg, name="attn")(
+            RMSNorm(eps, name="attn_norm")(x), rope, mask, cache, slot
+        )
+        h = x + attn_out
+        return h + MLP(self.cfg, name="mlp")(RMSNorm(eps, name="mlp_norm")(h)), cache
+
+
+# ------------------------------------------------------------------- functional helpers
+def init_layers(
+    cfg: LlamaConfig, key: jax.Array, num_layers: int, dtype: Any = jnp.float32
+) -> list[Params]:
+    """Freshly initialised decoder layers (HF's init: N(0, 0.02) weights, unit norms)."""
+    dummy_x = jnp.zeros((1, 1, cfg.hidden_size), jnp.float32)
+    dummy_rope = rope_tables(cfg, jnp.zeros((1, 1), jnp.int32))
+    dummy_mask = jnp.ones((1, 1, 1), bool)
+    layer = DecoderLayer(cfg)
+    out = []
+    for layer_key in jax.random.split(key, num_layers):
+        p = layer.init(layer_key, dummy_x, dummy_rope, dummy_mask)["params"]
+        out.append(jax.tree.map(lambda a: a.astype(dtype), p))
+    return out
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """A randomly initialised full model (tests, and shapes for checkpoint restore)."""
+    k_embed, k_layers, k_head = jax.random.split(key, 3)
+    params: Params = {
+        "embed": _weight_init(k_embed, (cfg.vocab_size, cfg.hidden_size), dtype),
+        "layers": init_layers(cfg, k_layers, cfg.num_hidden_layers, dtype),
+        "final_norm": jnp.ones((cfg.hidden_size,), dtype),
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = _weight_init(k_head, (cfg.hidden_size, cfg.vocab_size), dtype)
+    return params
+
+
+def run_layers(
+    cfg: LlamaConfig,
+    layers: Sequence[Params],
+    x: jax.Array,  # [B, T, d]
+    rope: Rope,
+    mask: jax.Array,  # [B, T, S]
+    caches: Sequence[LayerCache] | None = None,
+    slot: jax.Array | int = 0,
+) -> tuple[jax.Array, list[LayerCache] | None]:
+    """Run a contiguous slice of decoder layers; returns the hidden states and new caches."""
+    module = DecoderLayer(cfg)
+    new_caches: list[LayerCache] = []
+    for i, layer_params in enumerate(layers):
+        cache = None if caches is None else caches[i]
+        x, cache = module.apply({"params": layer_params}, x, rope, mask, cache, slot)
+        new_caches.append(cache)
+    return x, (None if caches is None else new_caches)
+
+
+def embed_tokens(params: Params, tokens: jax.Array, dtype: Any | None = None) -> jax.Array:
+    table = params["embed"]
+    return jnp.take(table, tokens, axis=0).astype(dtype or table.dtype)
+
+
+def final_norm(cfg: LlamaConfig, params: Params, x: jax.Array) -> jax.Array:
+    return RMSNorm(cfg.rms_norm_eps).apply({"params": {"weight": params["final_norm"]}}, x)
+
+
+def lm_head(cfg: LlamaConfig, params: Params, x: jax.Array) -> jax.Array:
+    """Logits [..., V] in float32 from final-normed hidden states [..., d]."""
+    if cfg.tie_word_embeddings:
+        w = params["embed"].astype(x.dtype)
+        return jnp.einsum("...d,vd->...v", x, w).astype(jnp.float32)
+    return (x @ params["lm_head"].astype(x.dtype)).astype(jnp.float32)
+
+
+def head(cfg: LlamaConfig, params: Params, x: jax.Array) -> jax.Array:
+    """Final RMSNorm + LM head."""
+    return lm_head(cfg, params, final_norm(cfg, params, x))
+
+
+def init_cache(
+    cfg: LlamaConfig, num_layers: int, batch: int, length: int, dtype: Any = jnp.float32
+) -> list[LayerCache]:
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(num_layers)]
+
+
+def hidden_states(
+    cfg: LlamaConfig, params: Params, tokens: jax.Array, valid: jax.Array, dtype: Any = None
+) -> jax.Array:
+    """Last-layer hidden states [B, T, d] (before the final norm) for a padded batch."""
+    x = embed_tokens(params, tokens, dtype)
+    rope = rope_tables(cfg, positions_from_valid(valid))
+    mask = attention_mask(valid, 0, tokens.shape[1])
+    return run_layers(cfg, params["layers"], x, rope, mask)[0]
+
+
+def forward(
+    cfg: LlamaConfig,
+    params: Params,
+    tokens: jax.Array,  # [B, T] int
+    valid: jax.Array,  # [B, T] bool
+    dtype: Any | None = None,
+) -> jax.Array:
+    """Full-model logits [B, T, V] (float32) for a padded batch, no cache."""
+    return head(cfg, params, hidden_states(cfg, params, tokens, valid, dtype))
