@@ -194,6 +194,7 @@ def _check_values(cfg: RunConfig) -> None:
     for path in _NON_NEGATIVE:
         if get(path) < 0:
             raise ConfigError(f"{path}: must be >= 0, got {get(path)}")
+    cfg.yoro.validate_fields()
     if not cfg.data.prompts:
         raise ConfigError("data.prompts: at least one prompt source is needed")
     for i, source in enumerate(cfg.data.prompts):

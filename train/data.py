@@ -42,7 +42,8 @@ _QUESTIONS = [
     "What is 17 multiplied by 23?", "Translate 'thank you very much' into French.",
     "Suggest a name for a friendly robot.", "What should I pack for a weekend hike?",
     "Write a haiku about winter mornings.", "Give me a simple recipe for tomato soup.",
-    "Why do leaves change colour in autumn?", "Summarise the story of Cinderella in three sentences.",
+    "Why do leaves change colour in autumn?",
+    "Summarise the story of Cinderella in three sentences.",
     "What is the difference between a virus and a bacterium?",
     "Write a polite email declining a meeting invitation.",
     "How do I reverse a list in Python?", "Name three planets and one fact about each.",
@@ -130,7 +131,9 @@ def encode(tokenizer: Any, messages: Messages, system: str | None) -> list[int]:
 
 def load_prompts(data: DataSection, tokenizer: Any) -> list[list[int]]:
     """All configured prompts as token ids; over-long prompts are truncated and reported."""
-    prompts = [encode(tokenizer, m, data.system_prompt) for s in data.prompts for m in load_source(s)]
+    prompts = [
+        encode(tokenizer, m, data.system_prompt) for s in data.prompts for m in load_source(s)
+    ]
     too_long = [len(p) for p in prompts if len(p) > data.max_prompt_tokens]
     if too_long:
         print(
@@ -174,7 +177,9 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
-def collate(examples: Sequence[dict[str, np.ndarray]], pad_id: int, top_k: int) -> dict[str, np.ndarray]:
+def collate(
+    examples: Sequence[dict[str, np.ndarray]], pad_id: int, top_k: int
+) -> dict[str, np.ndarray]:
     """Examples -> one batch in the prompt|response layout with bucketed static shapes.
 
     Keys: tokens/valid [B, T]; prompt_len (P, a Python int); targets [B, R] (the teacher's
@@ -197,13 +202,18 @@ def collate(examples: Sequence[dict[str, np.ndarray]], pad_id: int, top_k: int) 
     for row, e in enumerate(examples):
         n = len(e["response"])
         targets[row, :n], mask[row, :n] = e["response"], True
-        top_ids[row, :n], top_logprobs[row, :n] = e["top_ids"][:, :top_k], e["top_logprobs"][:, :top_k]
+        top_ids[row, :n], top_logprobs[row, :n] = (
+            e["top_ids"][:, :top_k],
+            e["top_logprobs"][:, :top_k],
+        )
     return {
         "tokens": tokens, "valid": valid, "prompt_len": prompt_len, "targets": targets,
         "target_mask": mask, "top_ids": top_ids, "top_logprobs": top_logprobs,
     }  # fmt: skip
 
 
-def batches(examples: Sequence[dict[str, np.ndarray]], size: int, pad_id: int, top_k: int) -> Iterator[dict]:
+def batches(
+    examples: Sequence[dict[str, np.ndarray]], size: int, pad_id: int, top_k: int
+) -> Iterator[dict]:
     for start in range(0, len(examples), size):
         yield collate(examples[start : start + size], pad_id, top_k)

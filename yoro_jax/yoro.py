@@ -52,11 +52,16 @@ class YoroConfig:
     adaptation_layers: int = 2
     concatenation_layers: int = 1
 
-    def validate(self, base: LlamaConfig) -> YoroConfig:
+    def validate_fields(self) -> YoroConfig:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"yoro.{field.name} must be an integer >= 0, got {value!r}")
+        return self
+
+    def validate(self, base: LlamaConfig) -> YoroConfig:
+        """Check the split against a base model (and every field)."""
+        self.validate_fields()
         n = base.num_hidden_layers
         if self.embedding_layers + self.coherence_layers >= n:
             raise ConfigError(

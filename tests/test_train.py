@@ -1,0 +1,367 @@
+"""Training: losses against naive references, masks, configs, teacher data, smoke run, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SHARED_DATA
+
+from train import data as data_lib
+from train.config import load_config
+from train.loss import dense_kl, sparse_kl
+from train.teacher import generate_teacher_data
+from train.trainer import KILL_ENV, NonFiniteLoss, Trainer, loss_sums, prepare_run, train
+from yoro_jax import llama
+from yoro_jax.config import ConfigError
+from yoro_jax.yoro import Yoro, YoroConfig, init_trainable, load_yoro
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+QUIET_EVAL = ["eval.sample_prompts=[]", "eval.every_steps=1000"]
+
+
+def smoke_config(run_dir: Path, *overrides: str):
+    return load_config(SMOKE, [f"run_dir={run_dir}", *overrides])
+
+
+# ------------------------------------------------------------------------------ losses
+def test_sparse_kl_equals_naive_reference():
+    rng = np.random.RandomState(0)
+    vocab, k, temperature = 50, 6, 3.0
+    logits = rng.randn(2, 3, vocab).astype(np.float32) * 3
+    teacher = rng.randn(2, 3, vocab).astype(np.float32) * 3
+    teacher_logp = teacher - np.log(np.exp(teacher).sum(-1, keepdims=True))
+    top_ids = np.argsort(-teacher_logp, axis=-1)[..., :k]
+    top_logp = np.take_along_axis(teacher_logp, top_ids, -1)
+
+    got = np.asarray(sparse_kl(jnp.asarray(logits), top_ids, top_logp, temperature))
+    for b in range(2):
+        for t in range(3):  # naive: dense target with zeros off the top-k, loop over ids
+            scaled = np.exp(top_logp[b, t] / temperature)
+            p = scaled / scaled.sum()
+            log_q = logits[b, t] - np.log(np.exp(logits[b, t].astype(np.float64)).sum())
+            want = sum(p[i] * (np.log(p[i]) - log_q[top_ids[b, t, i]]) for i in range(k))
+            assert got[b, t] == pytest.approx(want, abs=1e-5)
+
+
+def test_sparse_kl_with_full_vocabulary_equals_dense_kl():
+    rng = np.random.RandomState(1)
+    logits, teacher = rng.randn(4, 20).astype(np.float32), rng.randn(4, 20).astype(np.float32)
+    logp = jax.nn.log_softmax(teacher)
+    ids = jnp.argsort(-logp, axis=-1)
+    sparse = sparse_kl(logits, ids, jnp.take_along_axis(logp, ids, -1), 1.0)
+    np.testing.assert_allclose(sparse, dense_kl(logits, teacher, 1.0), atol=1e-5)
+    assert float(dense_kl(teacher, teacher, 2.0).max()) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from train.tiny import tiny_random_model
+
+    base = tiny_random_model(seed=3)
+    ycfg = YoroConfig(1, 1, 1, 1, 1)
+    model = Yoro(base.config, ycfg)
+    trainable = init_trainable(ycfg, base.config, jax.random.key(7))
+    return base, model, trainable
+
+
+def _examples(rng, vocab, k, shapes):
+    out = []
+    for prompt_len, resp_len in shapes:
+        logp = np.log(rng.dirichlet(np.ones(vocab), size=resp_len)).astype(np.float32)
+        ids = np.argsort(-logp, -1)[:, :k].astype(np.int32)
+        out.append({
+            "prompt": rng.randint(3, vocab, prompt_len).astype(np.int32),
+            "response": rng.randint(3, vocab, resp_len).astype(np.int32),
+            "top_ids": ids, "top_logprobs": np.take_along_axis(logp, ids, -1),
+        })  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_batched_loss_equals_per_sequence_reference(tiny, online):
+    """Padding and prompt positions contribute nothing: the padded batch's loss sums equal
+    the sums over each sequence computed alone (no padding) from full YORO logits."""
+    base, model, trainable = tiny
+    rng = np.random.RandomState(0)
+    examples = _examples(rng, base.config.vocab_size, 5, [(7, 9), (20, 3), (12, 16)])
+    batch = data_lib.collate(examples, pad_id=0, top_k=5)
+    arrays = {k: jnp.asarray(v) for k, v in batch.items() if k != "prompt_len"}
+    opts = {"online": online, "temperature": 2.0, "ce_weight": 0.5, "chunk": 8}
+    got = loss_sums(model, base.params, trainable, arrays, batch["prompt_len"], **opts)
+    forward = jax.jit(model.forward, static_argnums=4)
+    teacher_forward = jax.jit(lambda t, v: llama.forward(base.config, base.params, t, v))
+
+    kl = ce = 0.0
+    for e in examples:
+        p, r = len(e["prompt"]), len(e["response"])
+        tokens = jnp.asarray(np.concatenate([e["prompt"], e["response"]]))[None]
+        valid = jnp.ones_like(tokens, bool)
+        logits = forward(base.params, trainable, tokens, valid, p)[0, p - 1 : p - 1 + r]
+        if online:
+            teacher = teacher_forward(tokens, valid)[0, p - 1 : p - 1 + r]
+            kl += float(dense_kl(logits, teacher, 2.0).sum())
+        else:
+            kl += float(sparse_kl(logits, e["top_ids"], e["top_logprobs"], 2.0).sum())
+        log_q = jax.nn.log_softmax(logits)
+        ce -= float(jnp.take_along_axis(log_q, jnp.asarray(e["response"])[:, None], -1).sum())
+    assert float(got["count"]) == sum(len(e["response"]) for e in examples)
+    assert float(got["kl"]) == pytest.approx(kl, rel=1e-4)
+    assert float(got["ce"]) == pytest.approx(ce, rel=1e-4)
+
+
+def test_garbage_in_masked_slots_does_not_change_the_loss(tiny):
+    base, model, trainable = tiny
+    rng = np.random.RandomState(1)
+    batch = data_lib.collate(_examples(rng, base.config.vocab_size, 4, [(5, 3), (9, 11)]), 0, 4)
+    arrays = {k: jnp.asarray(v) for k, v in batch.items() if k != "prompt_len"}
+    opts = {"online": False, "temperature": 3.0, "ce_weight": 1.0, "chunk": 16}
+    ref = loss_sums(model, base.params, trainable, arrays, batch["prompt_len"], **opts)
+    masked = ~batch["target_mask"]
+    noisy = dict(arrays)
+    noisy["top_logprobs"] = jnp.where(masked[..., None], 50.0, arrays["top_logprobs"])
+    noisy["top_ids"] = jnp.where(masked[..., None], 7, arrays["top_ids"])
+    noisy["targets"] = jnp.where(masked, 9, arrays["targets"])
+    noisy["tokens"] = jnp.where(batch["valid"], arrays["tokens"], 11)  # padding tokens
+    out = loss_sums(model, base.params, trainable, noisy, batch["prompt_len"], **opts)
+    for key in ("kl", "ce", "count"):
+        assert float(out[key]) == pytest.approx(float(ref[key]), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown key optim.lrr; allowed keys here: b1, b2, clip_norm"),
+        (["optim.lr=fast"], "optim.lr: expected float, got 'fast'"),
+        (["train.batch_size=0"], "train.batch_size: must be > 0, got 0"),
+        (["train.batch_size=2.5"], "train.batch_size: expected int, got 2.5"),
+        (["loss.mode=magic"], "loss.mode: 'magic' is not one of offline, online"),
+        (["data.prompts.0.format=csv"], "data.prompts.0.format: 'csv' is not one of"),
+        (["model=3"], "model: expected a mapping, got 3"),
+        (["optim.lr"], "expected path.to.field=value"),
+        (["yoro.embedding_layers=-1"], "yoro.embedding_layers must be an integer >= 0"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(SMOKE, overrides)
+
+
+def test_missing_config_file_and_cli_exit_code(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "--config", str(SMOKE), "--set", "optim.clip_norm=-1"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "error: optim.clip_norm: must be >= 0, got -1" in result.stderr
+
+
+def test_shipped_configs_are_valid():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.run_dir.startswith("runs/"), path
+
+
+def test_split_that_leaves_no_reasoning_layer_is_rejected(tmp_path):
+    cfg = smoke_config(tmp_path / "run", "yoro.embedding_layers=3", "yoro.coherence_layers=3")
+    with pytest.raises(ConfigError, match="leaves no reasoning layer"):
+        prepare_run(cfg)
+
+
+# --------------------------------------------------------------------------- prompt data
+@pytest.mark.parametrize(
+    "fmt, record, want",
+    [
+        ("alpaca-gpt4", {"instruction": "Sum", "input": "1 2", "output": "3"}, "Sum\n\n1 2"),
+        ("generic", {"instruction": "Hi", "input": ""}, "Hi"),
+        ("dolly-15k", {"instruction": "Q?", "context": "ctx", "response": "A"}, "Q?\n\nctx"),
+        ("self-instruct", {"instruction": "Do", "instances": [{"input": "x", "output": "y"}]},
+         "Do\n\nx"),
+        ("wizardlm", {"conversations": [{"from": "human", "value": "Why?"},
+                                        {"from": "gpt", "value": "."}]}, "Why?"),
+        ("openhermes", {"conversations": [{"from": "system", "value": "Be brief"},
+                                          {"from": "human", "value": "Go"}]}, "Go"),
+        ("slimorca", {"conversations": [{"from": "gpt", "value": "x"}]}, None),
+    ],
+)  # fmt: skip
+def test_dataset_field_mappings(fmt, record, want):
+    messages = data_lib.record_to_messages(record, fmt)
+    if want is None:
+        assert messages is None
+    else:
+        assert messages[-1] == {"role": "user", "content": want}
+    if fmt == "openhermes":
+        assert messages[0] == {"role": "system", "content": "Be brief"}
+
+
+def test_local_prompt_file_and_truncation_report(tmp_path, capsys):
+    from train.config import DataSection, PromptSource
+    from train.tiny import byte_tokenizer
+
+    path = SHARED_DATA / "self_instruct_user_oriented.jsonl"
+    if not path.is_file():  # the shared data is absent on a user's machine: write a file
+        path = tmp_path / "prompts.jsonl"
+        rows = [{"instruction": f"Task {i} " * (i + 1), "instances": [{"input": ""}]}
+                for i in range(30)]  # fmt: skip
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    section = DataSection(prompts=[PromptSource(str(path), "self-instruct", limit=25)],
+                          max_prompt_tokens=64)  # fmt: skip
+    prompts = data_lib.load_prompts(section, byte_tokenizer())
+    assert len(prompts) == 25 and max(map(len, prompts)) == 64
+    assert "exceed max_prompt_tokens=64" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="expected a .json, .jsonl or .parquet"):
+        data_lib.load_source(PromptSource(str(SMOKE), "generic"))
+
+
+# --------------------------------------------------------------------------- teacher data
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke-config run shared by the tests below (teacher data + 24 optimizer steps)."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    result = train(smoke_config(run_dir))
+    return run_dir, result
+
+
+def test_teacher_records_match_the_full_model(smoke_run):
+    run_dir, _ = smoke_run
+    prep = prepare_run(smoke_config(run_dir))
+    records = data_lib.TeacherRecords(prep.shards["val"])
+    base = prep.base
+    for index in range(3):
+        e = records[index]
+        tokens = jnp.asarray(np.concatenate([e["prompt"], e["response"]]))[None]
+        logp = jax.nn.log_softmax(
+            llama.forward(base.config, base.params, tokens, jnp.ones_like(tokens, bool))[0]
+        )[len(e["prompt"]) - 1 : -1]
+        np.testing.assert_array_equal(np.argmax(logp, -1), e["response"])  # greedy
+        top = np.take_along_axis(np.asarray(logp), e["top_ids"], -1)
+        np.testing.assert_allclose(top, e["top_logprobs"], atol=1e-4)
+        np.testing.assert_array_equal(e["top_ids"][:, 0], e["response"])
+
+
+def test_teacher_generation_resumes_and_refuses_other_settings(smoke_run):
+    run_dir, _ = smoke_run
+    prep = prepare_run(smoke_config(run_dir))
+    shard = prep.shards["train"][1]
+    before = shard.read_bytes()
+    shard.unlink()  # as if interrupted before this shard was finished
+    prepare_run(smoke_config(run_dir))
+    assert shard.read_bytes() == before
+    with pytest.raises(ConfigError, match="different teacher settings"):
+        prepare_run(smoke_config(run_dir, "teacher.top_k=4"))
+
+
+# ------------------------------------------------------------------------- training runs
+def test_smoke_training_lowers_heldout_kl(smoke_run):
+    run_dir, result = smoke_run
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["split"] == "val"]
+    assert val[0]["step"] == 0 and val[-1]["step"] == result["step"] == 24
+    assert val[-1]["kl"] < 0.5 * val[0]["kl"]
+    assert val[-1]["top1"] > val[0]["top1"]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert all(r["tokens_per_s"] > 0 for r in train_rows)
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert list((run_dir / "tb").iterdir())
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {0, 24} and all("yoro" in s for s in samples)
+    # the exported nets load against the run's base model and equal the final params
+    ycfg, trainable, _ = load_yoro(run_dir / "export")
+    assert ycfg == smoke_config(run_dir).yoro
+    for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(result["state"]["trainable"]),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    assert json.loads((run_dir / "best" / "metrics.json").read_text())["val"]["step"] == 24
+
+
+def test_frozen_params_get_no_optimizer_state(smoke_run):
+    run_dir, result = smoke_run
+    state = result["state"]
+    trainable_shapes = {leaf.shape for leaf in jax.tree.leaves(state["trainable"])}
+    for leaf in jax.tree.leaves(state["opt_state"]):
+        assert leaf.shape == () or leaf.shape in trainable_shapes
+    n_opt = sum(leaf.size for leaf in jax.tree.leaves(state["opt_state"]) if leaf.shape != ())
+    n_trainable = sum(leaf.size for leaf in jax.tree.leaves(state["trainable"]))
+    assert n_opt == 2 * n_trainable  # Adam's two moments, of the trainable nets only
+
+
+def test_resumed_run_with_other_loss_settings_is_refused(smoke_run):
+    run_dir, _ = smoke_run
+    with pytest.raises(ConfigError, match="different loss settings"):
+        prepare_run(smoke_config(run_dir, "loss.soft_temperature=2.0"))
+
+
+def test_non_finite_loss_stops_with_step_and_batch(tmp_path, smoke_run):
+    run_dir = tmp_path / "run"
+    _reuse_teacher_data(smoke_run[0], run_dir)
+    cfg = smoke_config(run_dir, "optim.lr=1.0e+30", "optim.warmup_steps=0", "optim.clip_norm=0",
+                       "checkpoint.every_steps=1", *QUIET_EVAL)  # fmt: skip
+    with pytest.raises(NonFiniteLoss, match=r"at optimizer step \d+, micro-batch 0") as err:
+        Trainer(prepare_run(cfg)).run()
+    bad_step = int(str(err.value).split("optimizer step ")[1].split(",")[0])
+    assert bad_step > 1
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == bad_step - 1  # the checkpoints before the failure are intact
+
+
+def _reuse_teacher_data(source_run: Path, run_dir: Path) -> None:
+    """Start a run with another run's base model and teacher shards (same settings)."""
+    for name in ("base", "teacher"):
+        shutil.copytree(source_run / name, run_dir / name)
+
+
+def test_killed_run_resumes_bitwise_equal(tmp_path, smoke_run):
+    """A subprocess SIGKILLed mid-run (after its step-4 checkpoint, at step 6) and then
+    resumed ends with exactly the params of an uninterrupted run of the same seed."""
+    overrides = ["train.max_steps=9", "checkpoint.every_steps=4", "optim.grad_accum=2",
+                 *QUIET_EVAL]  # fmt: skip
+    _reuse_teacher_data(smoke_run[0], tmp_path / "straight")
+    reference = train(smoke_config(tmp_path / "straight", *overrides))
+
+    run_dir = tmp_path / "killed"
+    _reuse_teacher_data(smoke_run[0], run_dir)
+    command = [sys.executable, "-m", "train", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]
+    for item in overrides:
+        command += ["--set", item]
+    env = {**os.environ, KILL_ENV: "6"}
+    killed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (run_dir / "export").exists()
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "from step 4" in resumed.stderr
+
+    _, trainable, _ = load_yoro(run_dir / "export")
+    for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(reference["state"]["trainable"]),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ref_lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text()
+                 .splitlines()]  # fmt: skip
+    final = [r for r in lines if r["split"] == "train" and r["step"] == 9]
+    ref_final = [r for r in ref_lines if r["split"] == "train" and r["step"] == 9]
+    assert final[-1]["loss"] == ref_final[-1]["loss"]
+
+
+def test_generate_teacher_data_is_deterministic(tmp_path, tiny):
+    base, _, _ = tiny
+    cfg = smoke_config(tmp_path / "a", "teacher.shard_size=4", "teacher.max_new_tokens=5")
+    prompts = {"train": [[5, 6, 7], [8, 9], [10] * 6, [11, 12, 13, 14], [15]], "val": [[16, 17]]}
+    paths = generate_teacher_data(cfg, base, prompts)
+    assert [len(p) for p in paths.values()] == [2, 1]
+    records = data_lib.TeacherRecords(paths["train"])
+    assert len(records) == 5
+    assert [list(records[i]["prompt"]) for i in range(5)] == prompts["train"]

@@ -1,0 +1,82 @@
+"""``python -m train --config configs/NAME.yaml [--set path.to.field=value ...]``.
+
+Makes the teacher data if needed, then trains; a run directory that already holds
+checkpoints is resumed from the latest one (``--restart`` discards them instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from train.config import load_config
+from yoro_jax.checkpoint import CheckpointError
+from yoro_jax.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config (fields not given take their defaults)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override one field, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="delete the run's checkpoints and train from step 0 (teacher data is kept)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.print_config:
+            import yaml
+
+            from train.config import to_dict
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        from train.trainer import train
+
+        run_dir = Path(cfg.run_dir)
+        if args.restart:
+            for name in ("checkpoints", "best", "export", "tb"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "samples.jsonl", "loss.png"):
+                (run_dir / name).unlink(missing_ok=True)
+        result = train(cfg)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    best = result["best"]
+    print(f"done: {result['step']} optimizer steps; YORO nets in {run_dir / 'export'}")
+    if best:
+        print(
+            f"best held-out KL {best['kl']:.4f} (top-1 {best['top1']:.3f}) at step "
+            f"{best['step']}: {run_dir / 'best'}"
+        )
+    print(
+        f"try it: python -m yoro_jax.generate --yoro {run_dir / 'export'} --compare --chat "
+        "--prompt 'What is the capital of France?'"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

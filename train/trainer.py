@@ -1,0 +1,515 @@
+"""Distillation training (DESIGN §4): grain loader -> jitted optax step -> orbax checkpoints.
+
+Run directory layout::
+
+    RUN/config.yaml        the resolved config (a resumed run must match it)
+    RUN/base/              the base model (tiny-random only; others are referenced)
+    RUN/teacher/           offline teacher shards (ArrayRecord) + manifest
+    RUN/checkpoints/N/     orbax: train state (trainable, optimizer, step, rng) + loader state
+    RUN/best/              YORO nets with the best validation KL so far
+    RUN/export/            final YORO nets (load with ``--yoro RUN/export``)
+    RUN/metrics.jsonl      every logged scalar; RUN/tb/ the same for TensorBoard
+    RUN/samples.jsonl      sample generations, full model vs YORO, at each validation
+    RUN/loss.png           loss curve, written at the end
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from tqdm.auto import tqdm
+
+from train import data as data_lib
+from train.config import RunConfig, load_config, to_dict
+from train.loss import chunked_sums
+from yoro_jax import llama
+from yoro_jax.checkpoint import Model, load_model, resolve_dtype, write_model_dir
+from yoro_jax.config import ConfigError
+from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
+from yoro_jax.llama import Params
+from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, save_yoro
+
+# Sections whose change makes a resumed run a different experiment.
+_FIXED_ON_RESUME = ("model", "yoro", "data", "teacher", "loss", "optim")
+# Test hook: SIGKILL this process right after the given optimizer step (simulates a crash).
+KILL_ENV = "YORO_JAX_KILL_AFTER_STEP"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the offending update was not applied."""
+
+
+# ------------------------------------------------------------------------- base model
+def resolve_base(cfg: RunConfig) -> Model:
+    """The frozen base: ``tiny-random`` (written to RUN/base), ``smollm2`` or a model dir."""
+    path = cfg.model.path
+    if path == "tiny-random":
+        from train.tiny import byte_tokenizer, tiny_random_model
+
+        out = Path(cfg.run_dir) / "base"
+        if not out.is_dir():
+            model = tiny_random_model(seed=0)
+            params = jax.tree.map(lambda a: a.astype(resolve_dtype(cfg.model.dtype)), model.params)
+            write_model_dir(out, model.config, params, byte_tokenizer().save_pretrained,
+                            "tiny-random")  # fmt: skip
+        return load_model(out)
+    if path == "smollm2":
+        from convert.core import convert
+        from convert.smollm2 import cache_dir
+
+        out = cache_dir() / f"smollm2-{cfg.model.dtype}"
+        if not out.is_dir():
+            convert("smollm2", out, dtype=cfg.model.dtype)
+        return load_model(out)
+    if not Path(path).is_dir():
+        raise ConfigError(
+            f"model.path: {path!r} is not a model directory; expected one written by "
+            "`python -m convert`, or 'smollm2' / 'tiny-random'"
+        )
+    return load_model(path, cfg.model.dtype)
+
+
+def compute_dtype(cfg: RunConfig) -> Any:
+    """bf16 where the backend is fast at it (GPU/TPU), float32 on CPU, unless set."""
+    if cfg.train.compute_dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return resolve_dtype(cfg.train.compute_dtype)
+
+
+# ------------------------------------------------------------------------ preparation
+@dataclasses.dataclass
+class Prepared:
+    cfg: RunConfig
+    base: Model
+    shards: dict[str, list[Path]]  # split -> teacher ArrayRecord shards
+
+
+def split_prompts(prompts: list[list[int]], num_val: int) -> dict[str, list[list[int]]]:
+    """Deterministic held-out split (seeded permutation, independent of the train seed)."""
+    if num_val >= len(prompts):
+        raise ConfigError(
+            f"data.validation_prompts ({num_val}) must be smaller than the number of "
+            f"prompts ({len(prompts)})"
+        )
+    order = np.random.RandomState(0).permutation(len(prompts))
+    return {
+        "train": [prompts[i] for i in order[num_val:]],
+        "val": [prompts[i] for i in order[:num_val]],
+    }
+
+
+def _check_resumable(cfg: RunConfig, run_dir: Path) -> None:
+    saved_path = run_dir / "config.yaml"
+    new = to_dict(cfg)
+    if saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text())
+        changed = [k for k in _FIXED_ON_RESUME if saved.get(k) != new.get(k)]
+        if changed:
+            raise ConfigError(
+                f"{run_dir} holds a run with different {', '.join(changed)} settings; "
+                "use a new run_dir (only train/checkpoint/eval settings may change on resume)"
+            )
+    saved_path.write_text(yaml.safe_dump(new, sort_keys=False))
+
+
+def prepare_run(config: str | RunConfig | None, overrides: list[str] = ()) -> Prepared:
+    """Config -> run dir -> base model -> prompts -> teacher data (made once, resumable)."""
+    from train.teacher import generate_teacher_data
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, list(overrides))
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(cfg, run_dir)
+    base = resolve_base(cfg)
+    cfg.yoro.validate(base.config)
+    if base.tokenizer is None:
+        raise ConfigError(f"model.path: {base.path} has no tokenizer; training needs one")
+    prompts = data_lib.load_prompts(cfg.data, base.tokenizer)
+    splits = split_prompts(prompts, cfg.data.validation_prompts)
+    # Online mode also trains on the teacher's answers (the sequences); only the target
+    # changes: dense teacher logits computed in the step instead of the stored top-k.
+    return Prepared(cfg, base, generate_teacher_data(cfg, base, splits))
+
+
+# ------------------------------------------------------------------------ optimizer
+def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay and global-norm clipping; optional accumulation."""
+    o = cfg.optim
+    decay_steps = max(total_steps, o.warmup_steps + 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps, 0.0)
+    if o.warmup_steps == 0:
+        schedule = optax.cosine_decay_schedule(o.lr, decay_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+    )
+    if o.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum)
+    return tx
+
+
+def learning_rate(cfg: RunConfig, total_steps: int, step: int) -> float:
+    o = cfg.optim
+    decay_steps = max(total_steps, o.warmup_steps + 1)
+    if o.warmup_steps == 0:
+        return float(optax.cosine_decay_schedule(o.lr, decay_steps)(step))
+    return float(optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps)(step))
+
+
+# ------------------------------------------------------------------------- the step
+def loss_sums(
+    model: Yoro,
+    frozen: Params,
+    trainable: Params,
+    batch: dict[str, jax.Array],
+    prompt_len: int,
+    *,
+    online: bool,
+    temperature: float,
+    ce_weight: float,
+    chunk: int,
+) -> dict[str, jax.Array]:
+    """Sums of the loss terms over the batch's valid response positions."""
+    tokens, valid = batch["tokens"], batch["valid"]
+    resp_len = batch["targets"].shape[1]
+    # Position P-1+j predicts response token j; the last input token predicts nothing.
+    hidden = model.response_hidden(frozen, trainable, tokens, valid, prompt_len)[:, :resp_len]
+    teacher_hidden = None
+    if online:
+        full = llama.hidden_states(model.base, frozen, tokens, valid, model.dtype)
+        teacher_hidden = jax.lax.stop_gradient(full[:, prompt_len - 1 : prompt_len - 1 + resp_len])
+    return chunked_sums(
+        lambda h: model.logits(frozen, h), hidden, batch, temperature=temperature,
+        ce_weight=ce_weight, chunk=chunk, teacher_hidden=teacher_hidden,
+    )  # fmt: skip
+
+
+@partial(jax.jit, static_argnames=("model", "tx", "prompt_len", "loss_opts"), donate_argnums=(2,))
+def train_step(
+    model: Yoro,
+    frozen: Params,
+    state: dict[str, Any],
+    batch: dict[str, jax.Array],
+    *,
+    tx: optax.GradientTransformation,
+    prompt_len: int,
+    loss_opts: tuple[tuple[str, Any], ...],
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """One micro-batch: gradients of the trainable pytree only (frozen is a plain input)."""
+    opts = dict(loss_opts)
+    ce_weight = opts["ce_weight"]
+
+    def loss_fn(trainable):
+        sums = loss_sums(model, frozen, trainable, batch, prompt_len, **opts)
+        count = jnp.maximum(sums["count"], 1.0)
+        loss = (sums["kl"] + ce_weight * sums["ce"]) / count
+        return loss, sums
+
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+    new_state = {
+        "trainable": optax.apply_updates(state["trainable"], updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+    }
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **sums}
+    return new_state, metrics
+
+
+@partial(jax.jit, static_argnames=("model", "prompt_len", "chunk"))
+def eval_sums(model: Yoro, frozen: Params, trainable: Params, batch, prompt_len: int, chunk: int):
+    """Held-out metrics against the exact teacher (the full model's dense logits, T=1)."""
+    return loss_sums(model, frozen, trainable, batch, prompt_len, online=True, temperature=1.0,
+                     ce_weight=1.0, chunk=chunk)  # fmt: skip
+
+
+# ------------------------------------------------------------------------- the loop
+class MetricsLog:
+    """metrics.jsonl + TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        row = {"step": step, "split": split, **{k: float(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in values.items():
+            self.tb.add_scalar(f"{split}/{key}", float(value), step)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _to_device(batch: dict[str, Any]) -> tuple[dict[str, jax.Array], int]:
+    prompt_len = int(batch["prompt_len"])
+    arrays = {k: jnp.asarray(v) for k, v in batch.items() if k != "prompt_len"}
+    return arrays, prompt_len
+
+
+class Trainer:
+    """Owns the run: state, loader, checkpoints, metrics. ``run()`` trains to the end."""
+
+    def __init__(self, prepared: Prepared):
+        import grain
+
+        self.prep = prepared
+        cfg, base = prepared.cfg, prepared.base
+        self.cfg, self.base = cfg, base
+        self.run_dir = Path(cfg.run_dir)
+        self.model = Yoro(base.config, cfg.yoro, compute_dtype(cfg))
+        self.frozen = jax.tree.map(lambda a: a.astype(self.model.dtype), base.params)
+        _, self.pad_id = special_ids(base.config, base.tokenizer)
+
+        records = data_lib.TeacherRecords(prepared.shards["train"])
+        if len(records) < cfg.train.batch_size:
+            raise ConfigError(
+                f"train.batch_size ({cfg.train.batch_size}) exceeds the {len(records)} training "
+                "examples"
+            )
+        collate = partial(data_lib.collate, pad_id=self.pad_id, top_k=cfg.teacher.top_k)
+        self.dataset = (
+            grain.MapDataset.source(records)
+            .shuffle(seed=cfg.train.seed)
+            .repeat(cfg.train.epochs)
+            .batch(cfg.train.batch_size, drop_remainder=True, batch_fn=collate)
+        )
+        micro_steps = len(self.dataset)
+        self.total_steps = micro_steps // cfg.optim.grad_accum
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        if self.total_steps < 1:
+            raise ConfigError("the data gives no full optimizer step; lower train.batch_size")
+        self.tx = make_optimizer(cfg, self.total_steps)
+        self.loss_opts = (
+            ("online", cfg.loss.mode == "online"), ("temperature", cfg.loss.soft_temperature),
+            ("ce_weight", cfg.loss.ce_weight), ("chunk", cfg.loss.logits_chunk),
+        )  # fmt: skip
+        val = data_lib.TeacherRecords(prepared.shards["val"]) if prepared.shards["val"] else []
+        self.val_examples = [val[i] for i in range(len(val))]
+        self._full_answers = None  # the teacher's sample answers never change: made once
+
+    # ------------------------------------------------------------------ state
+    def init_state(self) -> dict[str, Any]:
+        key = jax.random.key(self.cfg.train.seed)
+        init_key, rng = jax.random.split(key)
+        trainable = init_trainable(self.cfg.yoro, self.base.config, init_key)
+        return {
+            "trainable": trainable,
+            "opt_state": self.tx.init(trainable),
+            "step": jnp.int32(0),
+            "rng": jax.random.key_data(rng),
+        }
+
+    def checkpoint_manager(self):
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.checkpoint.keep, create=True)
+        return ocp.CheckpointManager((self.run_dir / "checkpoints").absolute(), options=options)
+
+    def restore(self, manager, state, iterator) -> tuple[dict[str, Any], int]:
+        import orbax.checkpoint as ocp
+
+        step = manager.latest_step()
+        if step is None:
+            return state, 0
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))  # fmt: skip
+        iterator.set_state(restored["loader"])
+        print(f"resumed {self.run_dir} from step {step}", file=sys.stderr)
+        return jax.device_put(restored["state"]), step
+
+    def save(self, manager, step: int, state, iterator) -> None:
+        import orbax.checkpoint as ocp
+
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(iterator.get_state())),
+            force=True)  # fmt: skip
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, trainable: Params) -> dict[str, float]:
+        """KL to the teacher (T=1), top-1 agreement, teacher-token CE on held-out prompts."""
+        if not self.val_examples:
+            return {}
+        totals: dict[str, float] = {}
+        for batch in data_lib.batches(self.val_examples, self.cfg.train.batch_size, self.pad_id,
+                                      self.cfg.teacher.top_k):  # fmt: skip
+            arrays, prompt_len = _to_device(batch)
+            sums = eval_sums(self.model, self.frozen, trainable, arrays, prompt_len,
+                             self.cfg.loss.logits_chunk)  # fmt: skip
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        count = max(totals["count"], 1.0)
+        return {"kl": totals["kl"] / count, "top1": totals["top1"] / count,
+                "ce": totals["ce"] / count}  # fmt: skip
+
+    def samples(self, trainable: Params, step: int) -> list[dict[str, str]]:
+        tok = self.base.tokenizer
+        system = self.cfg.data.system_prompt
+        prompts = [
+            data_lib.encode(tok, [{"role": "user", "content": p}], system)
+            for p in self.cfg.eval.sample_prompts
+        ]
+        if not prompts:
+            return []
+        eos, pad = special_ids(self.base.config, tok)
+        opts = {"max_new_tokens": self.cfg.eval.sample_max_new_tokens, "eos_ids": eos,
+                "pad_id": pad, "tokenizer": tok}  # fmt: skip
+        if self._full_answers is None:
+            full = LlamaDecoder(self.base.config, self.model.dtype)
+            self._full_answers = generate_tokens(full, self.frozen, prompts, **opts)
+        yoro = generate_tokens(YoroDecoder(self.model), (self.frozen, trainable), prompts, **opts)
+        rows = [{"step": step, "prompt": p, "full": f.text, "yoro": y.text}
+                for p, f, y in zip(self.cfg.eval.sample_prompts, self._full_answers, yoro,
+                                   strict=True)]  # fmt: skip
+        with (self.run_dir / "samples.jsonl").open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        return rows
+
+    def validate(self, trainable: Params, step: int, log: MetricsLog, best: dict) -> None:
+        metrics = self.evaluate(trainable)
+        if not metrics:
+            return
+        log.write(step, "val", metrics)
+        rows = self.samples(trainable, step)
+        tqdm.write(f"step {step}: val KL {metrics['kl']:.4f}  top-1 {metrics['top1']:.3f}")
+        for row in rows[:2]:
+            tqdm.write(f"  [full] {row['full']!r}\n  [yoro] {row['yoro']!r}")
+        if metrics["kl"] < best.get("kl", math.inf):
+            best.update(metrics, step=step)
+            self.export(self.run_dir / "best", trainable, extra={"val": best})
+
+    def export(self, out: Path, trainable: Params, extra: dict | None = None) -> None:
+        save_yoro(out, self.cfg.yoro, trainable, self.base.path, self.base.fingerprint,
+                  overwrite=True)  # fmt: skip
+        if extra:
+            (out / "metrics.json").write_text(json.dumps(extra, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        cfg, accum = self.cfg, self.cfg.optim.grad_accum
+        iterator = self.dataset.to_iter_dataset().__iter__()
+        manager = self.checkpoint_manager()
+        state, start_step = self.restore(manager, self.init_state(), iterator)
+        log = MetricsLog(self.run_dir)
+        best_path = self.run_dir / "best" / "metrics.json"
+        best = json.loads(best_path.read_text())["val"] if best_path.is_file() else {}
+        kill_after = int(os.environ.get(KILL_ENV, "0"))
+        if start_step == 0:
+            self.validate(state["trainable"], 0, log, best)
+
+        progress = tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step")
+        window = {"loss": 0.0, "kl": 0.0, "tokens": 0, "n": 0, "time": time.perf_counter()}
+        step = start_step
+        try:
+            for step in range(start_step + 1, self.total_steps + 1):
+                for micro in range(accum):
+                    batch = next(iterator)
+                    arrays, prompt_len = _to_device(batch)
+                    new_state, m = train_step(
+                        self.model, self.frozen, state, arrays,
+                        tx=self.tx, prompt_len=prompt_len, loss_opts=self.loss_opts,
+                    )  # fmt: skip
+                    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        raise NonFiniteLoss(
+                            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at "
+                            f"optimizer step {step}, micro-batch {micro} (loader position "
+                            f"{iterator.get_state()}); the update was not applied and the last "
+                            "checkpoint is intact"
+                        )
+                    state = new_state
+                    count = max(float(m["count"]), 1.0)
+                    window["loss"] += loss
+                    window["kl"] += float(m["kl"]) / count
+                    window["tokens"] += int(batch["valid"].sum())
+                    window["n"] += 1
+                progress.update(1)
+                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window["time"]
+                    scalars = {
+                        "loss": window["loss"] / window["n"], "kl": window["kl"] / window["n"],
+                        "grad_norm": grad_norm, "lr": learning_rate(cfg, self.total_steps, step),
+                        "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                    }  # fmt: skip
+                    log.write(step, "train", scalars)
+                    progress.set_postfix(loss=f"{scalars['loss']:.4f}",
+                                         tok_s=f"{scalars['tokens_per_s']:.0f}")  # fmt: skip
+                    window = {"loss": 0.0, "kl": 0.0, "tokens": 0, "n": 0,
+                              "time": time.perf_counter()}  # fmt: skip
+                if step % cfg.eval.every_steps == 0 and step != self.total_steps:
+                    self.validate(state["trainable"], step, log, best)
+                if step % cfg.checkpoint.every_steps == 0 or step == self.total_steps:
+                    self.save(manager, step, state, iterator)
+                if kill_after and step == kill_after:
+                    manager.wait_until_finished()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            manager.wait_until_finished()
+            if step == self.total_steps and start_step < self.total_steps:
+                self.validate(state["trainable"], step, log, best)
+        finally:
+            progress.close()
+            manager.close()
+            log.close()
+        self.export(self.run_dir / "export", state["trainable"], extra={"best_val": best})
+        plot_losses(self.run_dir)
+        return {"step": step, "state": state, "best": best}
+
+
+def train(config: str | RunConfig | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Prepare (teacher data) and train; resumes automatically from RUN/checkpoints."""
+    return Trainer(prepare_run(config, overrides)).run()
+
+
+# ------------------------------------------------------------------------------ plot
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """RUN/loss.png: training loss and held-out KL against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, key, label in (("train", "loss", "train loss (T_soft KL)"),
+                              ("val", "kl", "held-out KL to teacher (T=1)")):  # fmt: skip
+        points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if split == "val" else None, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL (nats / token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(run_dir) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
