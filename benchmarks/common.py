@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.smollm2 import cache_dir
+from yoro_jax.report import markdown_table  # noqa: F401  (re-exported for the scripts)
 
 
 def default_model_dir() -> Path:
@@ -45,12 +46,3 @@ def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 def tree_bytes(tree: Any) -> int:
     return sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    def fmt(v: Any) -> str:
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)

@@ -365,3 +365,17 @@ def test_generate_teacher_data_is_deterministic(tmp_path, tiny):
     records = data_lib.TeacherRecords(paths["train"])
     assert len(records) == 5
     assert [list(records[i]["prompt"]) for i in range(5)] == prompts["train"]
+
+
+def test_generate_cli_finds_the_base_from_the_exported_nets(smoke_run, capsys):
+    from yoro_jax.generate import main
+
+    run_dir, _ = smoke_run
+    argv = ["--yoro", str(run_dir / "export"), "--compare", "--chat", "--prompt", "hi",
+            "--max-new-tokens", "4"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "[full: 6 decoder layers per generated token]" in captured.err
+    assert "[yoro: 3 decoder layers per generated token]" in captured.err
+    assert main(["--prompt", "hi"]) == 2
+    assert "give --model DIR" in capsys.readouterr().err

@@ -238,6 +238,29 @@ def eval_sums(model: Yoro, frozen: Params, trainable: Params, batch, prompt_len:
                      ce_weight=1.0, chunk=chunk)  # fmt: skip
 
 
+def heldout_metrics(
+    model: Yoro,
+    frozen: Params,
+    trainable: Params,
+    examples: list[dict[str, np.ndarray]],
+    batch_size: int,
+    pad_id: int,
+    top_k: int,
+    chunk: int,
+) -> dict[str, float]:
+    """Per-token means over ``examples``: dense KL to the full model (T=1), top-1 agreement
+    with it, and cross-entropy of the teacher's tokens."""
+    if not examples:
+        return {}
+    totals: dict[str, float] = {}
+    for batch in data_lib.batches(examples, batch_size, pad_id, top_k):
+        arrays, prompt_len = _to_device(batch)
+        for key, value in eval_sums(model, frozen, trainable, arrays, prompt_len, chunk).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    count = max(totals["count"], 1.0)
+    return {key: totals[key] / count for key in ("kl", "top1", "ce")} | {"tokens": count}
+
+
 # ------------------------------------------------------------------------- the loop
 class MetricsLog:
     """metrics.jsonl + TensorBoard scalars."""
@@ -348,19 +371,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, trainable: Params) -> dict[str, float]:
         """KL to the teacher (T=1), top-1 agreement, teacher-token CE on held-out prompts."""
-        if not self.val_examples:
-            return {}
-        totals: dict[str, float] = {}
-        for batch in data_lib.batches(self.val_examples, self.cfg.train.batch_size, self.pad_id,
-                                      self.cfg.teacher.top_k):  # fmt: skip
-            arrays, prompt_len = _to_device(batch)
-            sums = eval_sums(self.model, self.frozen, trainable, arrays, prompt_len,
-                             self.cfg.loss.logits_chunk)  # fmt: skip
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        count = max(totals["count"], 1.0)
-        return {"kl": totals["kl"] / count, "top1": totals["top1"] / count,
-                "ce": totals["ce"] / count}  # fmt: skip
+        return heldout_metrics(self.model, self.frozen, trainable, self.val_examples,
+                               self.cfg.train.batch_size, self.pad_id, self.cfg.teacher.top_k,
+                               self.cfg.loss.logits_chunk)  # fmt: skip
 
     def samples(self, trainable: Params, step: int) -> list[dict[str, str]]:
         tok = self.base.tokenizer

@@ -350,7 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m yoro_jax.generate",
         description="Generate text with a converted model (KV-cached, batched).",
     )
-    parser.add_argument("--model", required=True, help="model directory from `python -m convert`")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model directory from `python -m convert` (default with --yoro: the base the "
+        "YORO nets were trained on)",
+    )
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
@@ -394,7 +399,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare and not args.yoro:
         print("error: --compare needs --yoro", file=sys.stderr)
         return 2
+    if args.model is None and args.yoro is None:
+        print("error: give --model DIR (or --yoro RUN/export to use its base)", file=sys.stderr)
+        return 2
     try:
+        if args.model is None:
+            from yoro_jax.yoro import read_yoro_meta
+
+            args.model = read_yoro_meta(args.yoro).get("base_model")
+            if args.model is None:
+                raise CheckpointError(f"{args.yoro} does not record its base model; give --model")
         model = load_model(args.model, dtype=args.dtype)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         decoders = _decoders(model, args.yoro, args.compare)

@@ -1,0 +1,127 @@
+"""Before/after quality of a training run on prompts it never saw.
+
+    python -m train.evaluate --run runs/smollm2-cpu --prompts FILE.jsonl --format self-instruct
+
+The full model answers the prompts (teacher data, cached under ``RUN/eval/NAME``); then
+the YORO nets are scored against it by teacher forcing on those answers: dense KL to the
+full model at T=1, top-1 agreement and the cross-entropy of the full model's tokens, for
+freshly initialised nets ("before": the run's seed) and for each saved set ("after":
+``RUN/export``, ``RUN/best``). A few answers are generated side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import yaml
+
+from train import data as data_lib
+from train.config import PROMPT_FORMATS, PromptSource, load_config
+from train.teacher import generate_teacher_data
+from train.trainer import compute_dtype, heldout_metrics, resolve_base
+from yoro_jax.checkpoint import CheckpointError
+from yoro_jax.config import ConfigError
+from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
+from yoro_jax.report import markdown_table
+from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, load_yoro
+
+
+def evaluate_run(
+    run_dir: Path, source: PromptSource, samples: int = 3, batch_size: int = 8
+) -> dict[str, dict]:
+    """Metrics per parameter set (``before``, ``export``, ``best``) + sample generations."""
+    cfg = load_config(run_dir / "config.yaml")
+    base = resolve_base(cfg)
+    prompts = data_lib.load_prompts(dataclasses.replace(cfg.data, prompts=[source]), base.tokenizer)
+    eval_cfg = dataclasses.replace(cfg, run_dir=str(run_dir / "eval" / Path(source.source).stem))
+    shards = generate_teacher_data(eval_cfg, base, {"eval": prompts})["eval"]
+    records = data_lib.TeacherRecords(shards)
+    examples = [records[i] for i in range(len(records))]
+
+    model = Yoro(base.config, cfg.yoro, compute_dtype(cfg))
+    frozen = base.params
+    init_key = jax.random.split(jax.random.key(cfg.train.seed))[0]  # as the trainer does
+    nets = {"before (initial nets)": init_trainable(cfg.yoro, base.config, init_key)}
+    for name in ("export", "best"):
+        if (run_dir / name).is_dir():
+            nets[f"after ({name})"] = load_yoro(run_dir / name, base)[1]
+    _, pad = special_ids(base.config, base.tokenizer)
+    metrics = {
+        name: heldout_metrics(
+            model,
+            frozen,
+            trainable,
+            examples,
+            batch_size,
+            pad,
+            cfg.teacher.top_k,
+            cfg.loss.logits_chunk,
+        )
+        for name, trainable in nets.items()
+    }
+
+    eos, pad = special_ids(base.config, base.tokenizer)
+    opts = {
+        "max_new_tokens": cfg.eval.sample_max_new_tokens,
+        "eos_ids": eos,
+        "pad_id": pad,
+        "tokenizer": base.tokenizer,
+    }
+    chosen = [e["prompt"].tolist() for e in examples[:samples]]
+    answers = {"full": generate_tokens(LlamaDecoder(base.config), frozen, chosen, **opts)}
+    for name, trainable in nets.items():
+        answers[name] = generate_tokens(YoroDecoder(model), (frozen, trainable), chosen, **opts)
+    texts = [
+        {"prompt": base.tokenizer.decode(p, skip_special_tokens=True)}
+        | {name: a[i].text for name, a in answers.items()}
+        for i, p in enumerate(chosen)
+    ]
+    return {"metrics": metrics, "samples": texts, "prompts": len(examples)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--run", required=True, help="a run directory of `python -m train`")
+    parser.add_argument("--prompts", required=True, help=".json/.jsonl/.parquet or hub id")
+    parser.add_argument("--format", default="generic", choices=PROMPT_FORMATS[1:])
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=3, help="side-by-side generations")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_run(
+            Path(args.run), PromptSource(args.prompts, args.format, limit=args.limit), args.samples
+        )
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = [[name, m["kl"], m["top1"], m["ce"]] for name, m in result["metrics"].items()]
+    print(
+        f"{result['prompts']} held-out prompts from {args.prompts}, "
+        f"{int(next(iter(result['metrics'].values()))['tokens'])} response tokens"
+    )
+    print(
+        markdown_table(
+            ["YORO nets", "KL to full (T=1)", "top-1 agreement", "CE of full's tokens"],
+            [[r[0], f"{r[1]:.4f}", f"{r[2]:.3f}", f"{r[3]:.4f}"] for r in rows],
+        )
+    )
+    for sample in result["samples"]:
+        print()
+        print(yaml.safe_dump(sample, sort_keys=False, allow_unicode=True, width=100), end="")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
