@@ -470,10 +470,12 @@ class Trainer:
                                          tok_s=f"{scalars['tokens_per_s']:.0f}")  # fmt: skip
                     window = {"loss": 0.0, "kl": 0.0, "tokens": 0, "n": 0,
                               "time": time.perf_counter()}  # fmt: skip
+                paused = time.perf_counter()  # validation and saving don't count as training
                 if step % cfg.eval.every_steps == 0 and step != self.total_steps:
                     self.validate(state["trainable"], step, log, best)
                 if step % cfg.checkpoint.every_steps == 0 or step == self.total_steps:
                     self.save(manager, step, state, iterator)
+                window["time"] += time.perf_counter() - paused
                 if kill_after and step == kill_after:
                     manager.wait_until_finished()
                     os.kill(os.getpid(), signal.SIGKILL)
