@@ -14,6 +14,18 @@ import numpy as np
 from convert.smollm2 import cache_dir
 from yoro_jax.report import markdown_table  # noqa: F401  (re-exported for the scripts)
 
+# Chat prompts the decode benchmarks answer (row i of a batch gets prompt i).
+PROMPTS = [
+    "Explain why the sky is blue.",
+    "Write a short poem about the sea.",
+    "What are three uses of a paperclip?",
+    "Summarise the plot of Romeo and Juliet.",
+    "How do vaccines work?",
+    "Give me a recipe for pancakes.",
+    "What is the difference between weather and climate?",
+    "Describe a cat to someone who has never seen one.",
+]
+
 
 def default_model_dir() -> Path:
     """SmolLM2 converted into the yoro-jax cache (converted on first use)."""

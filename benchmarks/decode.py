@@ -14,6 +14,7 @@ import platform
 import jax
 
 from benchmarks.common import (
+    PROMPTS,
     best_of,
     default_model_dir,
     markdown_table,
@@ -22,17 +23,6 @@ from benchmarks.common import (
 )
 from yoro_jax.checkpoint import load_model
 from yoro_jax.generate import LlamaDecoder, encode_prompt, generate_tokens
-
-PROMPTS = [
-    "Explain why the sky is blue.",
-    "Write a short poem about the sea.",
-    "What are three uses of a paperclip?",
-    "Summarise the plot of Romeo and Juliet.",
-    "How do vaccines work?",
-    "Give me a recipe for pancakes.",
-    "What is the difference between weather and climate?",
-    "Describe a cat to someone who has never seen one.",
-]
 
 
 def hf_tokens_per_s(model_dir, gguf, prompts, new_tokens, repeats) -> float:

@@ -16,7 +16,7 @@ import argparse
 
 import jax
 
-from benchmarks.common import best_of, default_model_dir, markdown_table
+from benchmarks.common import PROMPTS, best_of, default_model_dir, markdown_table
 from yoro_jax.batch import prompt_response_layout
 from yoro_jax.checkpoint import load_model
 from yoro_jax.generate import LlamaDecoder, bucket, encode_prompt, generate_tokens
@@ -27,16 +27,6 @@ SPLITS = {
     "E4 C4 Lc2": YoroConfig(4, 4, 2, 2, 1),
     "E1 C1 Lc1": YoroConfig(1, 1, 1, 2, 1),
 }
-PROMPTS = [
-    "Explain why the sky is blue.",
-    "Write a short poem about the sea.",
-    "What are three uses of a paperclip?",
-    "Summarise the plot of Romeo and Juliet.",
-    "How do vaccines work?",
-    "Give me a recipe for pancakes.",
-    "What is the difference between weather and climate?",
-    "Describe a cat to someone who has never seen one.",
-]
 
 
 def tokens_per_s(decoder, params, prompts, new_tokens, repeats) -> float:

@@ -218,9 +218,13 @@ def test_local_prompt_file_and_truncation_report(tmp_path, capsys):
         path.write_text("\n".join(json.dumps(r) for r in rows))
     section = DataSection(prompts=[PromptSource(str(path), "self-instruct", limit=25)],
                           max_prompt_tokens=64)  # fmt: skip
-    prompts = data_lib.load_prompts(section, byte_tokenizer())
+    tokenizer = byte_tokenizer()
+    prompts = data_lib.load_prompts(section, tokenizer)
     assert len(prompts) == 25 and max(map(len, prompts)) == 64
     assert "exceed max_prompt_tokens=64" in capsys.readouterr().err
+    longest = tokenizer.decode(max(prompts, key=len))
+    assert longest.startswith("<|im_start|>user\n")  # the template survives the cut
+    assert longest.endswith("<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ConfigError, match="expected a .json, .jsonl or .parquet"):
         data_lib.load_source(PromptSource(str(SMOKE), "generic"))
 

@@ -129,20 +129,39 @@ def encode(tokenizer: Any, messages: Messages, system: str | None) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def fit_prompt(tokenizer: Any, messages: Messages, system: str | None, limit: int) -> list[int]:
+    """Token ids of the templated prompt, shortened to ``limit`` by cutting the end of the
+    last user message, so the chat template (system turn, role headers) stays intact."""
+    ids = encode(tokenizer, messages, system)
+    if len(ids) <= limit:
+        return ids
+    content = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    keep = len(content) - (len(ids) - limit)
+    while keep > 0:
+        text = tokenizer.decode(content[:keep])
+        ids = encode(tokenizer, [*messages[:-1], {"role": "user", "content": text}], system)
+        if len(ids) <= limit:
+            return ids
+        keep -= len(ids) - limit  # re-tokenisation at the cut can differ by a few tokens
+    return ids[-limit:]  # the template alone is longer than the limit
+
+
 def load_prompts(data: DataSection, tokenizer: Any) -> list[list[int]]:
     """All configured prompts as token ids; over-long prompts are truncated and reported."""
-    prompts = [
-        encode(tokenizer, m, data.system_prompt) for s in data.prompts for m in load_source(s)
-    ]
-    too_long = [len(p) for p in prompts if len(p) > data.max_prompt_tokens]
+    messages = [m for s in data.prompts for m in load_source(s)]
+    limit = data.max_prompt_tokens
+    encoded = [encode(tokenizer, m, data.system_prompt) for m in messages]
+    too_long = [len(ids) for ids in encoded if len(ids) > limit]
     if too_long:
         print(
-            f"data: {len(too_long)} of {len(prompts)} prompts exceed max_prompt_tokens="
-            f"{data.max_prompt_tokens} (longest {max(too_long)}); keeping their last "
-            f"{data.max_prompt_tokens} tokens",
+            f"data: {len(too_long)} of {len(messages)} prompts exceed max_prompt_tokens={limit} "
+            f"(longest {max(too_long)}); cutting the end of their user message to fit",
             file=sys.stderr,
         )
-    return [p[-data.max_prompt_tokens :] for p in prompts]
+    return [
+        ids if len(ids) <= limit else fit_prompt(tokenizer, m, data.system_prompt, limit)
+        for ids, m in zip(encoded, messages, strict=True)
+    ]
 
 
 # --------------------------------------------------------------------- teacher records
