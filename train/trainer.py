@@ -294,7 +294,6 @@ class Trainer:
     def __init__(self, prepared: Prepared):
         import grain
 
-        self.prep = prepared
         cfg, base = prepared.cfg, prepared.base
         self.cfg, self.base = cfg, base
         self.run_dir = Path(cfg.run_dir)
