@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from convert.gguf_import import gguf_has_tokenizer, read_gguf
+from convert.gguf_import import gguf_has_tokenizer, gguf_tokenizer, read_gguf
 from convert.hf_import import read_hf, resolve_source
 from convert.mapping import ConversionError, hf_to_params
 from convert.smollm2 import fetch_smollm2_gguf
@@ -23,7 +24,10 @@ def _tokenizer_saver(source_dir: Path, gguf_file: str | None) -> Any:
 
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(source_dir), **kwargs)
+            if gguf_file and importlib.util.find_spec("torch") is None:
+                tokenizer = gguf_tokenizer(source_dir / gguf_file)  # transformers' path needs torch
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(str(source_dir), **kwargs)
         except Exception as err:
             raise ConversionError(f"could not load the tokenizer from {source_dir}: {err}") from err
         tokenizer.save_pretrained(str(out))

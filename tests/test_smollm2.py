@@ -112,3 +112,27 @@ def test_generate_cli_compares_full_and_yoro(smollm2, smollm2_dir, smollm2_yoro,
     assert captured.out.count("[full] ") == 2 and captured.out.count("[yoro] ") == 2
     assert "[yoro: 6 decoder layers per generated token]" in captured.err
     assert "[full: 30 decoder layers per generated token]" in captured.err
+
+
+def test_torch_free_gguf_tokenizer_equals_transformers(smollm2_gguf):
+    """The main install has no torch, and transformers' GGUF tokenizer loading needs it:
+    conversion then builds the tokenizer itself (gguf metadata + transformers' converter).
+    It must tokenize and template exactly like transformers' own GGUF load."""
+    from transformers import AutoTokenizer
+
+    from convert.gguf_import import gguf_tokenizer
+
+    ours = gguf_tokenizer(smollm2_gguf)
+    ref = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    texts = [*CHAT_PROMPTS, "  two  spaces, digits 1234567 and ünïcödé ✓ 🙂\n\ttab",
+             "<|im_start|>user\nhi<|im_end|>"]  # fmt: skip
+    for text in texts:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+        messages = [{"role": "user", "content": text}]
+        assert ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
+            ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
+    ids = ref(texts[-2])["input_ids"]
+    assert ours.decode(ids) == ref.decode(ids)
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(ours, name) == getattr(ref, name), name
