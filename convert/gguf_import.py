@@ -118,21 +118,6 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, Iterator[tuple[str, np.ndarray]]
     return cfg, tensors(), len(reader.tensors)
 
 
-# GGUF metadata key -> transformers' tokenizer_dict / tokenizer_config names.
-_TOKENIZER_KEYS = {
-    "tokenizer.ggml.model": "tokenizer_type",
-    "tokenizer.ggml.pre": "pre_tokenizer_type",
-    "tokenizer.ggml.tokens": "tokens",
-    "tokenizer.ggml.scores": "scores",
-    "tokenizer.ggml.token_type": "token_type",
-    "tokenizer.ggml.merges": "merges",
-    "tokenizer.ggml.precompiled_charsmap": "precompiled_charsmap",
-    "tokenizer.ggml.bos_token_id": "bos_token_id",
-    "tokenizer.ggml.eos_token_id": "eos_token_id",
-    "tokenizer.ggml.unknown_token_id": "unk_token_id",
-    "tokenizer.ggml.padding_token_id": "pad_token_id",
-    "tokenizer.ggml.add_space_prefix": "add_prefix_space",
-}
 _SPECIAL_TOKEN_IDS = {
     "bos_token": "tokenizer.ggml.bos_token_id",
     "eos_token": "tokenizer.ggml.eos_token_id",
@@ -149,20 +134,24 @@ def gguf_tokenizer(path: Path) -> Any:
     comes from the ``gguf`` package and only the (torch-free) conversion is transformers'.
     """
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
 
     reader = _reader(path)
     if "tokenizer.ggml.model" not in reader.fields:
         raise ConversionError(f"{path} holds no tokenizer")
-    tokenizer = {name: _field(reader, key) for key, name in _TOKENIZER_KEYS.items()
-                 if key in reader.fields}  # fmt: skip
-    config: dict[str, Any] = {}
-    if "tokenizer.chat_template" in reader.fields:
-        config["chat_template"] = _field(reader, "tokenizer.chat_template")
-    for name, key in (("add_bos_token", "tokenizer.ggml.add_bos_token"),
-                      ("add_eos_token", "tokenizer.ggml.add_eos_token")):  # fmt: skip
-        if key in reader.fields:
-            config[name] = bool(_field(reader, key))
+
+    def group(name: str) -> dict[str, Any]:  # as transformers' own reader groups the keys
+        keys = {
+            f"tokenizer.{key}": renamed for key, renamed in GGUF_TOKENIZER_MAPPING[name].items()
+        }
+        return {
+            renamed: _field(reader, key) for key, renamed in keys.items() if key in reader.fields
+        }
+
+    tokenizer, config = group("tokenizer"), group("tokenizer_config")
     if tokenizer.get("tokenizer_type") == "llama":
         config.setdefault("add_bos_token", True)
     for name, key in _SPECIAL_TOKEN_IDS.items():

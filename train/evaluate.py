@@ -17,18 +17,17 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import yaml
 
 from train import data as data_lib
 from train.config import PROMPT_FORMATS, PromptSource, load_config
 from train.teacher import generate_teacher_data
-from train.trainer import compute_dtype, heldout_metrics, resolve_base
+from train.trainer import compute_dtype, heldout_metrics, initial_trainable, resolve_base
 from yoro_jax.checkpoint import CheckpointError
 from yoro_jax.config import ConfigError
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
 from yoro_jax.report import markdown_table
-from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, load_yoro
+from yoro_jax.yoro import Yoro, YoroDecoder, load_yoro
 
 
 def evaluate_run(
@@ -45,12 +44,11 @@ def evaluate_run(
 
     model = Yoro(base.config, cfg.yoro, compute_dtype(cfg))
     frozen = base.params
-    init_key = jax.random.split(jax.random.key(cfg.train.seed))[0]  # as the trainer does
-    nets = {"before (initial nets)": init_trainable(cfg.yoro, base.config, init_key)}
+    nets = {"before (initial nets)": initial_trainable(cfg, base.config)}
     for name in ("export", "best"):
         if (run_dir / name).is_dir():
             nets[f"after ({name})"] = load_yoro(run_dir / name, base)[1]
-    _, pad = special_ids(base.config, base.tokenizer)
+    eos, pad = special_ids(base.config, base.tokenizer)
     metrics = {
         name: heldout_metrics(
             model,
@@ -65,7 +63,6 @@ def evaluate_run(
         for name, trainable in nets.items()
     }
 
-    eos, pad = special_ids(base.config, base.tokenizer)
     opts = {
         "max_new_tokens": cfg.eval.sample_max_new_tokens,
         "eos_ids": eos,

@@ -38,7 +38,7 @@ from train.config import RunConfig, load_config, to_dict
 from train.loss import chunked_sums
 from yoro_jax import llama
 from yoro_jax.checkpoint import Model, load_model, resolve_dtype, write_model_dir
-from yoro_jax.config import ConfigError
+from yoro_jax.config import ConfigError, LlamaConfig
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
 from yoro_jax.llama import Params
 from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, save_yoro
@@ -146,28 +146,31 @@ def prepare_run(config: str | RunConfig | None, overrides: list[str] = ()) -> Pr
 
 
 # ------------------------------------------------------------------------ optimizer
-def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup + cosine decay and global-norm clipping; optional accumulation."""
+def lr_schedule(cfg: RunConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup (if any) then cosine decay to 0 over ``total_steps`` optimizer steps."""
     o = cfg.optim
     decay_steps = max(total_steps, o.warmup_steps + 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps, 0.0)
     if o.warmup_steps == 0:
-        schedule = optax.cosine_decay_schedule(o.lr, decay_steps)
+        return optax.cosine_decay_schedule(o.lr, decay_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps, 0.0)
+
+
+def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on :func:`lr_schedule` with global-norm clipping; optional accumulation."""
+    o = cfg.optim
     tx = optax.chain(
         optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+        optax.adamw(lr_schedule(cfg, total_steps), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
     )
     if o.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum)
     return tx
 
 
-def learning_rate(cfg: RunConfig, total_steps: int, step: int) -> float:
-    o = cfg.optim
-    decay_steps = max(total_steps, o.warmup_steps + 1)
-    if o.warmup_steps == 0:
-        return float(optax.cosine_decay_schedule(o.lr, decay_steps)(step))
-    return float(optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps)(step))
+def initial_trainable(cfg: RunConfig, base: LlamaConfig) -> Params:
+    """The run's freshly initialised YORO nets (from ``train.seed``)."""
+    init_key, _ = jax.random.split(jax.random.key(cfg.train.seed))
+    return init_trainable(cfg.yoro, base, init_key)
 
 
 # ------------------------------------------------------------------------- the step
@@ -321,6 +324,7 @@ class Trainer:
         if self.total_steps < 1:
             raise ConfigError("the data gives no full optimizer step; lower train.batch_size")
         self.tx = make_optimizer(cfg, self.total_steps)
+        self.schedule = lr_schedule(cfg, self.total_steps)  # for logging the learning rate
         self.loss_opts = (
             ("online", cfg.loss.mode == "online"), ("temperature", cfg.loss.soft_temperature),
             ("ce_weight", cfg.loss.ce_weight), ("chunk", cfg.loss.logits_chunk),
@@ -331,9 +335,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def init_state(self) -> dict[str, Any]:
-        key = jax.random.key(self.cfg.train.seed)
-        init_key, rng = jax.random.split(key)
-        trainable = init_trainable(self.cfg.yoro, self.base.config, init_key)
+        _, rng = jax.random.split(jax.random.key(self.cfg.train.seed))
+        trainable = initial_trainable(self.cfg, self.base.config)
         return {
             "trainable": trainable,
             "opt_state": self.tx.init(trainable),
@@ -461,7 +464,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window["time"]
                     scalars = {
                         "loss": window["loss"] / window["n"], "kl": window["kl"] / window["n"],
-                        "grad_norm": grad_norm, "lr": learning_rate(cfg, self.total_steps, step),
+                        "grad_norm": grad_norm, "lr": float(self.schedule(step)),
                         "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                     }  # fmt: skip
                     log.write(step, "train", scalars)
