@@ -83,7 +83,10 @@ def cached_logits(decoder, params, prompts, continuations, width):
     tokens, valid = left_pad(prompts, width, 0)
     steps = continuations.shape[1]
     kv_valid = jnp.zeros((len(prompts), width + steps), bool).at[:, :width].set(valid)
-    prefill, step = jax.jit(decoder.prefill), jax.jit(decoder.step)
+    from yoro_jax.generate import step as decode_step
+
+    prefill = jax.jit(decoder.prefill)
+    step = jax.jit(lambda *args: decode_step(decoder, *args))
     logits, caches = prefill(params, tokens, valid, kv_valid)
     out = [logits]
     positions = valid.sum(1)

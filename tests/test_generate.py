@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import params_from_hf, random_batch, tiny_hf_model
 from yoro_jax import llama
 from yoro_jax.batch import left_pad
-from yoro_jax.generate import LlamaDecoder, advance, bucket, generate_tokens
+from yoro_jax.generate import LlamaDecoder, advance, bucket, generate_tokens, step
 from yoro_jax.sampling import SamplingConfig, sample_tokens
 
 
@@ -35,9 +35,10 @@ def test_cached_decode_equals_full_recomputation(tiny):
     for i in range(steps - 1):
         slot = width + i
         kv_valid = kv_valid.at[:, slot].set(True)
-        logits, caches = decoder.step(
-            params, caches, continuation[:, i : i + 1], (positions + i)[:, None], kv_valid, slot
-        )
+        logits, caches = step(
+            decoder, params, caches, continuation[:, i : i + 1], (positions + i)[:, None],
+            kv_valid, slot,
+        )  # fmt: skip
         cached.append(np.asarray(logits))
     cached = np.stack(cached, axis=1)  # [B, steps, V]
 

@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    multi = parser.add_argument_group(
+        "multi-host (jax.distributed; default: from JAX_COORDINATOR_ADDRESS / "
+        "JAX_NUM_PROCESSES / JAX_PROCESS_ID, or the cluster launcher)"
+    )
+    multi.add_argument("--coordinator", help="host:port of process 0")
+    multi.add_argument("--num-processes", type=int)
+    multi.add_argument("--process-id", type=int)
     return parser
 
 
@@ -53,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
         from train.trainer import train
+        from yoro_jax.sharding import initialize_distributed
+
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
         run_dir = Path(cfg.run_dir)
         if args.restart:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from yoro_jax.config import ConfigError
+from yoro_jax.sharding import MeshConfig
 from yoro_jax.yoro import YoroConfig
 
 PROMPT_FORMATS = (
@@ -85,6 +86,7 @@ class TrainSection:
     max_steps: int | None = None  # stop early (counts optimizer steps)
     seed: int = 0
     compute_dtype: str = "auto"  # auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
+    remat: bool = False  # recompute the trainable path's layer activations in the backward pass
     log_every: int = 10
 
 
@@ -115,6 +117,7 @@ class RunConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # data x fsdp devices
 
 
 # ------------------------------------------------------------------------ validation
@@ -128,7 +131,7 @@ _POSITIVE = {
     "teacher.shard_size", "loss.soft_temperature", "loss.logits_chunk", "optim.lr",
     "optim.grad_accum", "train.batch_size", "train.epochs", "train.max_steps",
     "train.log_every", "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps",
-    "eval.sample_max_new_tokens",
+    "eval.sample_max_new_tokens", "mesh.data", "mesh.fsdp",
 }  # fmt: skip
 _NON_NEGATIVE = {
     "data.validation_prompts", "loss.ce_weight", "optim.weight_decay", "optim.warmup_steps",
@@ -195,6 +198,11 @@ def _check_values(cfg: RunConfig) -> None:
         if get(path) < 0:
             raise ConfigError(f"{path}: must be >= 0, got {get(path)}")
     cfg.yoro.validate_fields()
+    if cfg.train.batch_size % cfg.mesh.size:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the mesh size "
+            f"(mesh.data x mesh.fsdp = {cfg.mesh.size})"
+        )
     if not cfg.data.prompts:
         raise ConfigError("data.prompts: at least one prompt source is needed")
     for i, source in enumerate(cfg.data.prompts):

@@ -41,6 +41,7 @@ from yoro_jax.checkpoint import Model, load_model, resolve_dtype, write_model_di
 from yoro_jax.config import ConfigError, LlamaConfig
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
 from yoro_jax.llama import Params
+from yoro_jax.sharding import make_mesh, shard_batch, shard_params
 from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, save_yoro
 
 # Sections whose change makes a resumed run a different experiment.
@@ -285,9 +286,10 @@ class MetricsLog:
         self.tb.close()
 
 
-def _to_device(batch: dict[str, Any]) -> tuple[dict[str, jax.Array], int]:
+def _to_device(batch: dict[str, Any], mesh: Any = None) -> tuple[dict[str, jax.Array], int]:
+    """Batch arrays on device (split over the mesh's devices if given) + the static P."""
     prompt_len = int(batch["prompt_len"])
-    arrays = {k: jnp.asarray(v) for k, v in batch.items() if k != "prompt_len"}
+    arrays = shard_batch({k: v for k, v in batch.items() if k != "prompt_len"}, mesh)
     return arrays, prompt_len
 
 
@@ -300,8 +302,10 @@ class Trainer:
         cfg, base = prepared.cfg, prepared.base
         self.cfg, self.base = cfg, base
         self.run_dir = Path(cfg.run_dir)
-        self.model = Yoro(base.config, cfg.yoro, compute_dtype(cfg))
-        self.frozen = jax.tree.map(lambda a: a.astype(self.model.dtype), base.params)
+        self.model = Yoro(base.config, cfg.yoro, compute_dtype(cfg), remat=cfg.train.remat)
+        self.mesh = make_mesh(cfg.mesh)  # None on one device
+        frozen = jax.tree.map(lambda a: a.astype(self.model.dtype), base.params)
+        self.frozen = shard_params(frozen, self.mesh)
         _, self.pad_id = special_ids(base.config, base.tokenizer)
 
         records = data_lib.TeacherRecords(prepared.shards["train"])
@@ -311,11 +315,14 @@ class Trainer:
                 "examples"
             )
         collate = partial(data_lib.collate, pad_id=self.pad_id, top_k=cfg.teacher.top_k)
-        self.dataset = (
-            grain.MapDataset.source(records)
-            .shuffle(seed=cfg.train.seed)
-            .repeat(cfg.train.epochs)
-            .batch(cfg.train.batch_size, drop_remainder=True, batch_fn=collate)
+        hosts, host = jax.process_count(), jax.process_index()
+        dataset = (
+            grain.MapDataset.source(records).shuffle(seed=cfg.train.seed).repeat(cfg.train.epochs)
+        )
+        if hosts > 1:  # multi-host: every process reads its own slice of each global batch
+            dataset = dataset[host::hosts]
+        self.dataset = dataset.batch(
+            cfg.train.batch_size // hosts, drop_remainder=True, batch_fn=collate
         )
         micro_steps = len(self.dataset)
         self.total_steps = micro_steps // cfg.optim.grad_accum
@@ -337,12 +344,13 @@ class Trainer:
     def init_state(self) -> dict[str, Any]:
         _, rng = jax.random.split(jax.random.key(self.cfg.train.seed))
         trainable = initial_trainable(self.cfg, self.base.config)
-        return {
+        state = {
             "trainable": trainable,
             "opt_state": self.tx.init(trainable),
             "step": jnp.int32(0),
             "rng": jax.random.key_data(rng),
         }
+        return shard_params(state, self.mesh)
 
     def checkpoint_manager(self):
         import orbax.checkpoint as ocp
@@ -356,12 +364,15 @@ class Trainer:
         step = manager.latest_step()
         if step is None:
             return state, 0
+        # the abstract state carries this run's shardings: a checkpoint written on another
+        # mesh (or one device) is re-sharded onto this one as it is read
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))  # fmt: skip
         iterator.set_state(restored["loader"])
         print(f"resumed {self.run_dir} from step {step}", file=sys.stderr)
-        return jax.device_put(restored["state"]), step
+        restored_state = restored["state"]
+        return (jax.device_put(restored_state) if self.mesh is None else restored_state), step
 
     def save(self, manager, step: int, state, iterator) -> None:
         import orbax.checkpoint as ocp
@@ -388,7 +399,7 @@ class Trainer:
             return []
         eos, pad = special_ids(self.base.config, tok)
         opts = {"max_new_tokens": self.cfg.eval.sample_max_new_tokens, "eos_ids": eos,
-                "pad_id": pad, "tokenizer": tok}  # fmt: skip
+                "pad_id": pad, "tokenizer": tok, "mesh": self.mesh}  # fmt: skip
         if self._full_answers is None:
             full = LlamaDecoder(self.base.config, self.model.dtype)
             self._full_answers = generate_tokens(full, self.frozen, prompts, **opts)
@@ -440,7 +451,7 @@ class Trainer:
             for step in range(start_step + 1, self.total_steps + 1):
                 for micro in range(accum):
                     batch = next(iterator)
-                    arrays, prompt_len = _to_device(batch)
+                    arrays, prompt_len = _to_device(batch, self.mesh)
                     new_state, m = train_step(
                         self.model, self.frozen, state, arrays,
                         tx=self.tx, prompt_len=prompt_len, loss_opts=self.loss_opts,

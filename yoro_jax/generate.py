@@ -28,13 +28,14 @@ from yoro_jax.batch import left_pad
 from yoro_jax.config import LlamaConfig
 from yoro_jax.llama import Params
 from yoro_jax.sampling import SamplingConfig, sample_tokens
+from yoro_jax.sharding import shard_batch
 
 MIN_BUCKET = 16
 GREEDY = SamplingConfig()
 
 
 class Decoder(Protocol):
-    """What generation needs from a model. Implementations are hashable (jit-static)."""
+    """What generation and scoring need from a model. Implementations are hashable (jit-static)."""
 
     def prefill(
         self, params: Any, tokens: jax.Array, valid: jax.Array, kv_valid: jax.Array
@@ -42,17 +43,28 @@ class Decoder(Protocol):
         """Prompt [B, P] -> (logits [B, V] at slot P-1, caches as long as kv_valid)."""
         ...
 
-    def step(
+    def extend(
         self,
         params: Any,
         caches: Any,
-        tokens: jax.Array,  # [B, 1]
-        positions: jax.Array,  # [B, 1]
-        kv_valid: jax.Array,  # [B, S], slot already marked valid
-        slot: jax.Array,
+        tokens: jax.Array,  # [B, T]
+        positions: jax.Array,  # [B, T]
+        kv_valid: jax.Array,  # [B, S], the new slots already marked valid
+        slot: jax.Array | int,
     ) -> tuple[jax.Array, Any]:
-        """One token per row at ``slot`` -> (logits [B, V], updated caches)."""
+        """T tokens per row at slots [slot, slot+T) -> (hidden [B, T, d] before the final
+        norm, updated caches). T = 1 is a decode step; T > 1 scores a continuation."""
         ...
+
+    def head(self, params: Any, hidden: jax.Array) -> jax.Array:
+        """Final norm + LM head: float32 logits [..., V]."""
+        ...
+
+
+def step(decoder: Decoder, params, caches, tokens, positions, kv_valid, slot):
+    """One token per row ([B, 1]) at ``slot`` -> (logits [B, V], updated caches)."""
+    hidden, caches = decoder.extend(params, caches, tokens, positions, kv_valid, slot)
+    return decoder.head(params, hidden[:, -1]), caches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +81,17 @@ class LlamaDecoder:
         rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
         mask = llama.attention_mask(kv_valid, 0, prompt_len)
         x, caches = llama.run_layers(cfg, params["layers"], x, rope, mask, caches, 0)
-        return llama.head(cfg, params, x[:, -1]), caches
+        return self.head(params, x[:, -1]), caches
 
-    def step(self, params: Params, caches, tokens, positions, kv_valid, slot):
+    def extend(self, params: Params, caches, tokens, positions, kv_valid, slot):
         cfg = self.cfg
         x = llama.embed_tokens(params, tokens, self.dtype)
         rope = llama.rope_tables(cfg, positions)
-        mask = llama.attention_mask(kv_valid, slot, 1)
-        x, caches = llama.run_layers(cfg, params["layers"], x, rope, mask, caches, slot)
-        return llama.head(cfg, params, x[:, -1]), caches
+        mask = llama.attention_mask(kv_valid, slot, tokens.shape[1])
+        return llama.run_layers(cfg, params["layers"], x, rope, mask, caches, slot)
+
+    def head(self, params: Params, hidden):
+        return llama.head(self.cfg, params, hidden)
 
 
 # ------------------------------------------------------------------ on-device generation
@@ -166,9 +180,10 @@ def advance(
     def body(carry):
         i, s = carry
         kv_valid = s["kv_valid"].at[:, s["slot"]].set(True)
-        logits, caches = decoder.step(
-            params, s["caches"], s["token"][:, None], s["position"][:, None], kv_valid, s["slot"]
-        )
+        logits, caches = step(
+            decoder, params, s["caches"], s["token"][:, None], s["position"][:, None],
+            kv_valid, s["slot"],
+        )  # fmt: skip
         key = jax.random.fold_in(s["key"], s["n_out"])
         new, top = _pick(logits, key, sampling, record_top_k)
         new = jnp.where(s["done"], pad_id, new)
@@ -225,13 +240,16 @@ def generate_tokens(
     on_update: Callable[[list[list[int]]], None] | None = None,
     chunk: int | None = None,
     record_top_k: int = 0,
+    mesh: Any = None,
 ) -> list[Completion]:
     """Generate for a batch of token prompts of any lengths.
 
     ``stop`` strings need ``tokenizer``. ``on_update`` receives every row's tokens so far
     after each chunk of ``chunk`` steps (streaming); without it and without stop strings
     the whole generation is one device call. ``record_top_k > 0`` also returns the model's
-    top-k token ids and log-probs at every generated position (teacher data).
+    top-k token ids and log-probs at every generated position (teacher data). With a
+    ``mesh`` (:mod:`yoro_jax.sharding`) the batch is split over its devices; shard
+    ``params`` with :func:`~yoro_jax.sharding.shard_params` first.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -240,12 +258,16 @@ def generate_tokens(
     if stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer")
     eos = tuple(sorted(set(int(e) for e in eos_ids)))
+    n_prompts = len(prompts)
+    if mesh is not None and len(prompts) % mesh.size:  # rows must split over the devices
+        prompts = list(prompts) + [prompts[0]] * (mesh.size - len(prompts) % mesh.size)
     tokens, valid = left_pad(prompts, bucket(max(map(len, prompts))), pad_id)
+    tokens, valid = shard_batch((tokens, valid), mesh)
     out_len = bucket(max_new_tokens)
     statics = {"sampling": sampling, "eos_ids": eos, "pad_id": pad_id,
                "record_top_k": record_top_k}  # fmt: skip
     state = start(
-        decoder, params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(seed),
+        decoder, params, tokens, valid, jax.random.key(seed),
         max_new_tokens, out_len=out_len, **statics,
     )  # fmt: skip
     if chunk is None:
@@ -266,7 +288,7 @@ def generate_tokens(
                 mask[list(stopped_at)] = True
                 state["done"] = jnp.asarray(done | mask)
         if on_update is not None:
-            on_update([_trim(out[row], eos, stopped_at.get(row)) for row in range(batch)])
+            on_update([_trim(out[row], eos, stopped_at.get(row)) for row in range(n_prompts)])
         finished = done | np.isin(np.arange(batch), list(stopped_at))
         if n_out >= max_new_tokens or finished.all():
             break
@@ -279,7 +301,7 @@ def generate_tokens(
         for row, completion in enumerate(completions):
             n = len(completion.tokens)
             completion.top_ids, completion.top_logprobs = top_ids[row, :n], top_logprobs[row, :n]
-    return completions
+    return completions[:n_prompts]
 
 
 def _stop_hit(

@@ -225,13 +225,19 @@ def run_layers(
     mask: jax.Array,  # [B, T, S]
     caches: Sequence[LayerCache] | None = None,
     slot: jax.Array | int = 0,
+    remat: bool = False,
 ) -> tuple[jax.Array, list[LayerCache] | None]:
-    """Run a contiguous slice of decoder layers; returns the hidden states and new caches."""
+    """Run a contiguous slice of decoder layers; returns the hidden states and new caches.
+
+    ``remat``: keep only each layer's input for the backward pass and recompute the rest
+    (activation memory of one layer instead of all of them, for ~1 extra forward).
+    """
     module = DecoderLayer(cfg)
+    apply = jax.checkpoint(module.apply) if remat else module.apply
     new_caches: list[LayerCache] = []
     for i, layer_params in enumerate(layers):
         cache = None if caches is None else caches[i]
-        x, cache = module.apply({"params": layer_params}, x, rope, mask, cache, slot)
+        x, cache = apply({"params": layer_params}, x, rope, mask, cache, slot)
         new_caches.append(cache)
     return x, (None if caches is None else new_caches)
 

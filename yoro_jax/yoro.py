@@ -122,6 +122,7 @@ class Yoro:
     base: LlamaConfig
     ycfg: YoroConfig
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise the trainable path's layers in training
 
     def __post_init__(self) -> None:
         self.ycfg.validate(self.base)
@@ -176,7 +177,9 @@ class Yoro:
             cfg, self.coherence_layers(frozen), r, prompt_rope, prompt_mask
         )
 
-        comp, _ = llama.run_layers(cfg, self.cast(trainable)["compensation"], e, rope, mask)
+        comp, _ = llama.run_layers(
+            cfg, self.cast(trainable)["compensation"], e, rope, mask, remat=self.remat
+        )
         adapted = jnp.concatenate(
             [
                 self.adapt(trainable, r),
@@ -188,7 +191,9 @@ class Yoro:
             axis=1,
         )
         z = self.concat(trainable, adapted + comp)
-        h_yoro, _ = llama.run_layers(cfg, self.coherence_layers(frozen), z, rope, mask)
+        h_yoro, _ = llama.run_layers(
+            cfg, self.coherence_layers(frozen), z, rope, mask, remat=self.remat
+        )
         return h_reason, h_yoro[:, prompt_len:]
 
     def response_hidden(self, frozen, trainable, tokens, valid, prompt_len) -> jax.Array:
@@ -254,14 +259,14 @@ class YoroDecoder:
         _, caches["coherence"] = llama.run_layers(
             cfg, m.coherence_layers(frozen), z, rope, cached_mask, caches["coherence"], 0
         )
-        caches["adapt_zero"] = m.adapt(trainable, jnp.zeros((cfg.hidden_size,), m.dtype))
         return m.logits(frozen, h_reason[:, -1]), caches
 
-    def step(self, params, caches, tokens, positions, kv_valid, slot):
+    def extend(self, params, caches, tokens, positions, kv_valid, slot):
+        """Tokens after the prompt: embedding + compensation + coherence, no reasoning."""
         frozen, trainable = params
         m, cfg = self.model, self.model.base
         rope = llama.rope_tables(cfg, positions)
-        mask = llama.attention_mask(kv_valid, slot, 1)
+        mask = llama.attention_mask(kv_valid, slot, tokens.shape[1])
         caches = dict(caches)
         x = llama.embed_tokens(frozen, tokens, m.dtype)
         e, caches["embedding"] = llama.run_layers(
@@ -270,11 +275,15 @@ class YoroDecoder:
         comp, caches["compensation"] = llama.run_layers(
             cfg, m.cast(trainable)["compensation"], e, rope, mask, caches["compensation"], slot
         )
-        z = m.concat(trainable, caches["adapt_zero"] + comp)
+        # after the prompt the reasoning input is zero: Adapt(0) is one vector for all tokens
+        z = m.concat(trainable, m.adapt(trainable, jnp.zeros((cfg.hidden_size,), m.dtype)) + comp)
         h, caches["coherence"] = llama.run_layers(
             cfg, m.coherence_layers(frozen), z, rope, mask, caches["coherence"], slot
         )
-        return m.logits(frozen, h[:, -1]), caches
+        return h, caches
+
+    def head(self, params, hidden):
+        return self.model.logits(params[0], hidden)
 
 
 # ------------------------------------------------------------------------- accounting

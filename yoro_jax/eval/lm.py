@@ -1,0 +1,312 @@
+"""lm-eval backend ``yoro-jax``: the JAX model, full or YORO, driven in-process (DESIGN §6).
+
+    lm_eval --model yoro-jax --model_args model=DIR,yoro=RUN_OR_NETS,mode=yoro ...
+
+``TemplateLM`` supplies lm-eval's own request tokenisation (context/continuation split,
+empty contexts), so requests are tokenised exactly as the ``hf`` backend does; this
+class only scores token pairs (:mod:`yoro_jax.eval.scoring`) and generates
+(:func:`yoro_jax.generate.generate_tokens`). ``mode=full`` runs the unmodified base model
+through the same code, so baseline and YORO are measured alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    _add_special_kwargs,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from tqdm import tqdm
+
+from yoro_jax.checkpoint import Model, load_model
+from yoro_jax.eval.scoring import score_pairs
+from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
+from yoro_jax.sampling import SamplingConfig
+from yoro_jax.sharding import MeshConfig, make_mesh, shard_params
+
+MODES = ("full", "yoro")
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
+def parse_mesh(text: str) -> MeshConfig:
+    """``"4x2"`` -> MeshConfig(data=4, fsdp=2)."""
+    try:
+        data, fsdp = (int(part) for part in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"mesh must look like DATAxFSDP (e.g. 4x2), got {text!r}") from None
+    return MeshConfig(data, fsdp)
+
+
+def resolve_nets(path: str | Path) -> Path:
+    """A YORO nets directory: the path itself, or a training run's ``export`` / ``best``."""
+    from yoro_jax.yoro import YORO_CONFIG_FILE
+
+    path = Path(path)
+    for candidate in (path, path / "export", path / "best"):
+        if (candidate / YORO_CONFIG_FILE).is_file():
+            return candidate
+    raise ValueError(
+        f"yoro={path}: no trained YORO nets there (expected {YORO_CONFIG_FILE} in it, or a "
+        "training run directory with export/ or best/)"
+    )
+
+
+def load_base(model: str | None, nets: Path | None, dtype: str | None) -> Model:
+    """Base model from ``model=`` (a model dir or ``smollm2``), else the one the nets record."""
+    if model is None:
+        if nets is None:
+            raise ValueError("model_args need model=DIR (or yoro=NETS, which records its base)")
+        from yoro_jax.yoro import read_yoro_meta
+
+        model = read_yoro_meta(nets).get("base_model")
+        if not model:
+            raise ValueError(f"{nets} does not record its base model; pass model=DIR")
+    if model == "smollm2":
+        from convert.core import convert
+        from convert.smollm2 import cache_dir
+
+        out = cache_dir() / "smollm2-float32"
+        if not out.is_dir():
+            convert("smollm2", out, dtype="float32")
+        model = str(out)
+    return load_model(model, dtype)
+
+
+@register_model("yoro-jax")
+class YoroJaxLM(TemplateLM):
+    """model_args: ``model``, ``yoro``, ``mode`` (full|yoro), ``batch_size``, ``max_length``,
+    ``max_gen_toks``, ``dtype`` (float32|bfloat16), ``add_bos_token``, ``seed``, ``mesh``
+    (``DATAxFSDP``, e.g. ``4x2``: requests split over devices, weights FSDP-sharded)."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        yoro: str | None = None,
+        mode: str | None = None,
+        batch_size: int | str | None = 8,
+        max_length: int | str | None = None,
+        max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS,
+        dtype: str | None = None,
+        add_bos_token: bool | str = False,
+        seed: int | str = 0,
+        mesh: str | None = None,
+        **unused: Any,  # lm-eval passes device / max_batch_size to every backend
+    ) -> None:
+        super().__init__()
+        if yoro in (None, "", "none", "None"):
+            yoro = None
+        mode = mode or ("yoro" if yoro else "full")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "yoro" and yoro is None:
+            raise ValueError("mode=yoro needs yoro=NETS (a training run or exported nets)")
+        nets = resolve_nets(yoro) if yoro else None
+        self.base = load_base(model, nets, dtype)
+        if self.base.tokenizer is None:
+            raise ValueError(f"{self.base.path} has no tokenizer; lm-eval needs one")
+        self.tokenizer = self.base.tokenizer
+        self.mode = mode
+        self.batch_size = _positive_int("batch_size", 8 if batch_size in (None, "auto")
+                                        else batch_size)  # fmt: skip
+        cfg = self.base.config
+        self.max_length = _positive_int("max_length", max_length or cfg.max_position_embeddings)
+        self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        self.add_bos_token = _flag(add_bos_token)
+        self.seed = int(seed)
+        self.eos_ids, self.pad_id = special_ids(cfg, self.tokenizer)
+        compute_dtype = self.base.params["embed"].dtype
+        if mode == "full":
+            self.decoder = LlamaDecoder(cfg, compute_dtype)
+            self.params: Any = self.base.params
+            self.layers_per_token = cfg.num_hidden_layers
+        else:
+            from yoro_jax.yoro import Yoro, YoroDecoder, load_yoro
+
+            ycfg, trainable, _ = load_yoro(nets, base=self.base)
+            yoro_model = Yoro(cfg, ycfg, compute_dtype)
+            self.decoder = YoroDecoder(yoro_model)
+            self.params = (self.base.params, trainable)
+            self.layers_per_token = (
+                ycfg.embedding_layers + ycfg.compensation_layers + ycfg.coherence_layers
+            )
+        self.nets = nets
+        self.mesh = make_mesh(parse_mesh(mesh)) if mesh else None
+        self.params = shard_params(self.params, self.mesh)
+
+    # ------------------------------------------------------------------ tokenisation
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None,
+        left_truncate_len: int | None = None, **kwargs: Any,
+    ) -> list[int]:  # fmt: skip
+        """Like the ``hf`` backend: the tokenizer's own special-token rule unless told."""
+        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(
+            string, self.tokenizer.decode(self.prefix_token_id)
+        ):
+            special["add_special_tokens"] = False
+        ids = self.tokenizer.encode(string, **special)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------------- scoring
+    def _fit(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
+        """Left-truncate the context so context + continuation fit ``max_length + 1`` tokens.
+
+        The model then reads at most ``max_length`` tokens, as in the ``hf`` backend (the last
+        continuation token is only a target).
+        """
+        keep = self.max_length + 1 - len(continuation)
+        if keep < 1:
+            raise ValueError(
+                f"a continuation of {len(continuation)} tokens does not fit max_length "
+                f"{self.max_length}"
+            )
+        return context[-keep:], continuation
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
+        **kwargs: Any,
+    ) -> list[tuple[float, bool]]:  # fmt: skip
+        pairs = [self._fit(list(ctx), list(cont)) for _, ctx, cont in requests]
+        with tqdm(total=len(pairs), disable=disable_tqdm,
+                  desc=f"loglikelihood ({self.mode})") as bar:  # fmt: skip
+            results = score_pairs(
+                self.decoder, self.params, pairs, batch_size=self.batch_size, pad_id=self.pad_id,
+                progress=bar, mesh=self.mesh,
+            )  # fmt: skip
+        for (cache_key, _, _), result in zip(requests, results, strict=True):
+            if cache_key is not None:
+                self.cache_hook.add_partial("loglikelihood", cache_key, result)
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Perplexity windows as in the ``hf`` backend; each window's context is its prompt."""
+        windows, owners = [], []
+        for index, (text,) in enumerate(req.args for req in requests):
+            rolling = lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1,
+            )  # fmt: skip
+            for context, continuation in map(lm_utils.make_disjoint_window, rolling):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, scores, strict=True):
+            totals[owner] += logprob
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------- generation
+    def _sampling(self, kwargs: dict[str, Any]) -> SamplingConfig:
+        if not kwargs.pop("do_sample", False) or not kwargs.get("temperature"):
+            return SamplingConfig()
+        return SamplingConfig(
+            temperature=float(kwargs["temperature"]), top_k=int(kwargs.get("top_k") or 0),
+            top_p=float(kwargs.get("top_p") or 1.0),
+        )  # fmt: skip
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Batched KV-cached generation (YORO: reason once per prompt) with stop sequences."""
+        groups: dict[str, list[int]] = {}
+        for index, req in enumerate(requests):
+            key = json.dumps(req.args[1], sort_keys=True, default=str)
+            groups.setdefault(key, []).append(index)
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        outputs: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc=f"generate_until ({self.mode})")
+        for indices in groups.values():
+            kwargs = normalize_gen_kwargs(dict(requests[indices[0]].args[1]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_new = int(kwargs.pop("max_gen_toks"))
+            if max_new >= self.max_length:
+                raise ValueError(
+                    f"max_gen_toks {max_new} must be below max_length {self.max_length}"
+                )
+            sampling = self._sampling(kwargs)
+            prompts = {
+                i: self.tok_encode(
+                    requests[i].args[0], left_truncate_len=self.max_length - max_new
+                )  # fmt: skip
+                for i in indices
+            }
+            order = sorted(indices, key=lambda i: len(prompts[i]), reverse=True)
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                rows = [prompts[i] for i in batch]
+                rows += [rows[0]] * (self.batch_size - len(rows))  # one compiled batch shape
+                completions = generate_tokens(
+                    self.decoder, self.params, rows, max_new_tokens=max_new,
+                    eos_ids=self.eos_ids, pad_id=self.pad_id, sampling=sampling,
+                    seed=self.seed + start, tokenizer=self.tokenizer, stop=until, mesh=self.mesh,
+                )  # fmt: skip
+                for i, completion in zip(batch, completions, strict=False):
+                    text = self.tok_decode(completion.tokens)
+                    outputs[i] = postprocess_generated_text(text, until, None)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+                bar.update(len(batch))
+        bar.close()
+        return outputs  # type: ignore[return-value]
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {
+            "model": str(self.base.path),
+            "fingerprint": self.base.fingerprint,
+            "mode": self.mode,
+            "yoro_nets": str(self.nets) if self.nets else None,
+            "decoder_layers_per_generated_token": self.layers_per_token,
+        }

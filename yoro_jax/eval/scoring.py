@@ -1,0 +1,194 @@
+"""Batched continuation scoring (DESIGN §6), the same code for the full model and YORO.
+
+A request is ``(context tokens, continuation tokens)``. Scoring runs a model's
+:class:`~yoro_jax.generate.Decoder` exactly as generation would, teacher-forced:
+
+* ``prefill`` the context once (YORO: the one reasoning pass) — its last logits score the
+  first continuation token;
+* ``extend`` the caches by the whole continuation in one call — its hidden states score
+  the remaining tokens.
+
+So a YORO log-likelihood is literally what YORO assigns while generating the continuation,
+and requests that share a context (the choices of a multiple-choice question) share its
+prefill: every continuation of a context is scored against the same caches.
+
+Static shapes: a batch holds a power-of-two number of distinct contexts (left-padded to a
+bucketed width P) and of continuations (right-padded to a bucketed width R), so XLA
+compiles one program per bucket, not one per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from yoro_jax.batch import left_pad
+from yoro_jax.generate import Decoder
+from yoro_jax.sharding import shard_batch
+
+HEAD_CHUNK = 128  # positions per LM-head call: [B, chunk, V] logits at a time
+ROWS_PER_CONTEXT = 4  # continuation rows per context row in a batch (multiple choice)
+
+
+def length_bucket(n: int, step: int) -> int:
+    """Round up to a multiple of ``step``, coarsening to 4 buckets per power of two:
+    at most ~25% padding and a handful of compiled shapes."""
+    step = max(step, 1 << max(0, (n - 1).bit_length() - 3))
+    return max(step, -(-n // step) * step)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder",))
+def score_continuations(
+    decoder: Decoder,
+    params: Any,
+    ctx_tokens: jax.Array,  # [C, P] left-padded contexts
+    ctx_valid: jax.Array,  # [C, P]
+    owner: jax.Array,  # [N] which context each continuation row continues
+    conts: jax.Array,  # [N, R] right-padded continuations
+    cont_valid: jax.Array,  # [N, R]
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of log p(continuation) [N] float32, every token greedy [N] bool)."""
+    prompt_len = ctx_tokens.shape[1]
+    rows, width = conts.shape
+    kv_valid = jnp.zeros((ctx_tokens.shape[0], prompt_len + width), bool)
+    kv_valid = kv_valid.at[:, :prompt_len].set(ctx_valid)
+    first_logits, caches = decoder.prefill(params, ctx_tokens, ctx_valid, kv_valid)
+
+    def per_row(x):  # [C, ...] -> [N, ...]: each row reads its own context's copy
+        return jnp.take(x, owner, axis=0)
+
+    positions = per_row(ctx_valid.sum(-1).astype(jnp.int32))[:, None] + jnp.arange(width)[None]
+    hidden, _ = decoder.extend(
+        params,
+        jax.tree.map(per_row, caches),
+        conts,
+        positions,
+        per_row(kv_valid).at[:, prompt_len:].set(cont_valid),
+        prompt_len,
+    )  # fmt: skip  hidden [N, R, d]; slot j predicts continuation token j+1
+
+    first_logprobs = jax.nn.log_softmax(per_row(first_logits), axis=-1)  # [N, V]
+    total = jnp.take_along_axis(first_logprobs, conts[:, :1], axis=-1)[:, 0]
+    greedy = jnp.argmax(first_logprobs, axis=-1) == conts[:, 0]
+    targets = jnp.concatenate([conts[:, 1:], conts[:, :1]], axis=1)
+    target_valid = jnp.concatenate([cont_valid[:, 1:], jnp.zeros_like(cont_valid[:, :1])], 1)
+    chunk = math.gcd(width, HEAD_CHUNK)
+
+    def split(x):  # [N, R, ...] -> [R/chunk, N, chunk, ...]
+        return jnp.moveaxis(x.reshape(rows, width // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    def body(carry, xs):
+        h, tgt, mask = xs
+        logprobs = jax.nn.log_softmax(decoder.head(params, h), axis=-1)  # [N, chunk, V]
+        picked = jnp.take_along_axis(logprobs, tgt[..., None], axis=-1)[..., 0]
+        hit = jnp.argmax(logprobs, axis=-1) == tgt
+        total, greedy = carry
+        return (total + jnp.sum(jnp.where(mask, picked, 0.0), -1),
+                greedy & jnp.all(hit | ~mask, -1)), None  # fmt: skip
+
+    xs = (split(hidden), split(targets), split(target_valid))
+    return jax.lax.scan(body, (total, greedy), xs)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Up to ``batch_size`` requests, their distinct contexts, and the bucketed shapes."""
+
+    requests: list[int]
+    contexts: list[tuple[int, ...]]
+    prompt_len: int  # P
+    width: int  # R
+
+
+def plan_batches(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int
+) -> Iterator[Batch]:
+    """Batches of up to ``batch_size`` contexts and ``ROWS_PER_CONTEXT * batch_size``
+    continuations with similar bucketed shapes, longest first.
+
+    Requests that share a context are kept together so they share its prefill (the four
+    choices of a question: 8 contexts and 32 continuation rows per pass). Sorting by
+    (P bucket, R bucket) keeps the number of compiled shapes to a handful; longest first
+    surfaces out-of-memory errors at once.
+    """
+
+    def key(i: int) -> tuple:
+        ctx, cont = pairs[i]
+        return length_bucket(len(ctx), 16), length_bucket(len(cont), 4), tuple(ctx)
+
+    max_rows = ROWS_PER_CONTEXT * batch_size
+    current: list[int] = []
+    contexts: dict[tuple[int, ...], None] = {}
+    for i in sorted(range(len(pairs)), key=key, reverse=True):
+        ctx = tuple(pairs[i][0])
+        if current and (len(current) == max_rows or
+                        (ctx not in contexts and len(contexts) == batch_size)):  # fmt: skip
+            yield _batch(pairs, current, list(contexts), key)
+            current, contexts = [], {}
+        current.append(i)
+        contexts[ctx] = None
+    if current:
+        yield _batch(pairs, current, list(contexts), key)
+
+
+def _batch(pairs, requests: list[int], contexts: list[tuple[int, ...]], key) -> Batch:
+    prompt_len = max(key(i)[0] for i in requests)
+    return Batch(requests, contexts, prompt_len, max(key(i)[1] for i in requests))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def score_pairs(
+    decoder: Decoder,
+    params: Any,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int,
+    pad_id: int,
+    progress: Any = None,
+    mesh: Any = None,
+) -> list[tuple[float, bool]]:
+    """(log-likelihood, is_greedy) of every (context, continuation) token pair.
+
+    ``batch_size`` counts contexts per forward pass. Context and continuation rows are
+    padded to powers of two (repeating real ones), so compiled shapes depend only on
+    buckets. With a ``mesh`` (params already sharded) rows are split over its devices.
+    """
+    for ctx, cont in pairs:
+        if not ctx or not cont:
+            raise ValueError("every request needs a non-empty context and continuation")
+    results: list[tuple[float, bool] | None] = [None] * len(pairs)
+    for plan in plan_batches(pairs, batch_size):
+        n_ctx, n_rows = _pow2(len(plan.contexts)), _pow2(len(plan.requests))
+        if mesh is not None:  # rows must split evenly over the devices
+            n_ctx, n_rows = (-(-n // mesh.size) * mesh.size for n in (n_ctx, n_rows))
+        contexts = plan.contexts + [plan.contexts[0]] * (n_ctx - len(plan.contexts))
+        ctx_tokens, ctx_valid = left_pad(contexts, plan.prompt_len, pad_id)
+        index = {ctx: c for c, ctx in enumerate(plan.contexts)}
+        owner = np.zeros(n_rows, np.int32)
+        conts = np.full((n_rows, plan.width), pad_id, np.int32)
+        cont_valid = np.zeros(conts.shape, bool)
+        cont_valid[:, 0] = True  # padding rows: one dummy token, result ignored
+        for row, i in enumerate(plan.requests):
+            ctx, cont = pairs[i]
+            owner[row] = index[tuple(ctx)]
+            conts[row, : len(cont)] = cont
+            cont_valid[row, : len(cont)] = True
+        ctx_arrays = shard_batch((ctx_tokens, ctx_valid), mesh)
+        cont_arrays = shard_batch((owner, conts, cont_valid), mesh)
+        total, greedy = score_continuations(decoder, params, *ctx_arrays, *cont_arrays)
+        total, greedy = np.asarray(total), np.asarray(greedy)
+        for row, i in enumerate(plan.requests):
+            results[i] = (float(total[row]), bool(greedy[row]))
+        if progress is not None:
+            progress.update(len(plan.requests))
+    return results  # type: ignore[return-value]

@@ -1,0 +1,120 @@
+"""Device meshes and shardings: data parallel x FSDP, with JAX's own sharding machinery.
+
+A mesh has two axes, ``("data", "fsdp")``. Batches are split over both (every device sees
+different examples); parameters — frozen base weights, trainable nets and optimizer state
+alike — are split FSDP-style over ``fsdp`` along their largest divisible dimension and
+replicated over ``data``. ``jax.jit`` then inserts the all-gathers and reduce-scatters
+(GSPMD): the model code stays free of sharding annotations.
+
+Multi-host: call :func:`initialize_distributed` first (``jax.distributed.initialize``
+reads the coordinator from the environment on managed clusters, or takes flags); each
+process then loads its own slice of every batch (:func:`host_batch_to_global`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp")
+BATCH_SPEC = P(AXES)  # leading (batch) dimension over every device
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """``data`` x ``fsdp`` devices; 1 x 1 means a single device and no sharding."""
+
+    data: int = 1
+    fsdp: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp
+
+    def validate(self) -> MeshConfig:
+        if self.data < 1 or self.fsdp < 1:
+            raise ValueError(f"mesh axes must be >= 1, got data={self.data} fsdp={self.fsdp}")
+        available = jax.device_count()
+        if self.size > available:
+            raise ValueError(
+                f"mesh data={self.data} x fsdp={self.fsdp} needs {self.size} devices, "
+                f"{available} are visible ({jax.devices()[0].platform}); on CPU, simulate "
+                "more with XLA_FLAGS=--xla_force_host_platform_device_count=N"
+            )
+        return self
+
+
+def make_mesh(config: MeshConfig) -> Mesh | None:
+    """The ``(data, fsdp)`` mesh over the first data*fsdp devices; None for 1 x 1."""
+    config.validate()
+    if config.size == 1:
+        return None
+    devices = np.asarray(jax.devices()[: config.size]).reshape(config.data, config.fsdp)
+    return Mesh(devices, AXES)
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Shard the largest dimension divisible by ``fsdp`` over it; replicate the rest."""
+    if fsdp > 1:
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[dim] % fsdp == 0 and shape[dim] >= fsdp:
+                return P(*([None] * dim + ["fsdp"]))
+    return P()
+
+
+def param_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a params-like pytree (params, optimizer state): FSDP over ``fsdp``."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda a: NamedSharding(mesh, param_spec(np.shape(a), fsdp)), tree)
+
+
+def batch_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Leading dimension over all devices; scalars replicated."""
+    return jax.tree.map(lambda a: NamedSharding(mesh, BATCH_SPEC if np.ndim(a) else P()), tree)
+
+
+def shard_params(tree: Any, mesh: Mesh | None) -> Any:
+    return tree if mesh is None else jax.device_put(tree, param_shardings(tree, mesh))
+
+
+def shard_batch(tree: Any, mesh: Mesh | None) -> Any:
+    """Put a (global, host-local on one host) batch on the mesh, split over all devices."""
+    if mesh is None:
+        return jax.tree.map(jax.numpy.asarray, tree)
+    batch = jax.tree.leaves(tree)[0].shape[0]
+    if batch % mesh.size:
+        raise ValueError(f"batch of {batch} rows does not split over {mesh.size} devices")
+    if jax.process_count() > 1:
+        return host_batch_to_global(tree, mesh)
+    return jax.device_put(tree, batch_shardings(tree, mesh))
+
+
+def host_batch_to_global(tree: Any, mesh: Mesh) -> Any:
+    """Multi-host: each process passes its own rows; returns the global sharded arrays."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.host_local_array_to_global_array(tree, mesh, BATCH_SPEC)
+
+
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """``jax.distributed.initialize`` from flags or the environment (no-op on one process).
+
+    On SLURM / TPU / Kubernetes-style launchers JAX finds everything itself; elsewhere set
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or pass them).
+    """
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if coordinator is None and num_processes is None:
+        return
+    jax.distributed.initialize(coordinator, num_processes, process_id)
