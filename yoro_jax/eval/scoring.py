@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from yoro_jax.batch import left_pad
-from yoro_jax.generate import Decoder
+from yoro_jax.generate import Decoder, bucket
 from yoro_jax.sharding import shard_batch
 
 HEAD_CHUNK = 128  # positions per LM-head call: [B, chunk, V] logits at a time
@@ -123,6 +123,10 @@ def plan_batches(
         ctx, cont = pairs[i]
         return length_bucket(len(ctx), 16), length_bucket(len(cont), 4), tuple(ctx)
 
+    def batch(requests: list[int], contexts: dict) -> Batch:
+        return Batch(requests, list(contexts), max(key(i)[0] for i in requests),
+                     max(key(i)[1] for i in requests))  # fmt: skip
+
     max_rows = ROWS_PER_CONTEXT * batch_size
     current: list[int] = []
     contexts: dict[tuple[int, ...], None] = {}
@@ -130,21 +134,12 @@ def plan_batches(
         ctx = tuple(pairs[i][0])
         if current and (len(current) == max_rows or
                         (ctx not in contexts and len(contexts) == batch_size)):  # fmt: skip
-            yield _batch(pairs, current, list(contexts), key)
+            yield batch(current, contexts)
             current, contexts = [], {}
         current.append(i)
         contexts[ctx] = None
     if current:
-        yield _batch(pairs, current, list(contexts), key)
-
-
-def _batch(pairs, requests: list[int], contexts: list[tuple[int, ...]], key) -> Batch:
-    prompt_len = max(key(i)[0] for i in requests)
-    return Batch(requests, contexts, prompt_len, max(key(i)[1] for i in requests))
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+        yield batch(current, contexts)
 
 
 def score_pairs(
@@ -168,7 +163,7 @@ def score_pairs(
             raise ValueError("every request needs a non-empty context and continuation")
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     for plan in plan_batches(pairs, batch_size):
-        n_ctx, n_rows = _pow2(len(plan.contexts)), _pow2(len(plan.requests))
+        n_ctx, n_rows = bucket(len(plan.contexts), 1), bucket(len(plan.requests), 1)
         if mesh is not None:  # rows must split evenly over the devices
             n_ctx, n_rows = (-(-n // mesh.size) * mesh.size for n in (n_ctx, n_rows))
         contexts = plan.contexts + [plan.contexts[0]] * (n_ctx - len(plan.contexts))
