@@ -23,6 +23,16 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def converted_smollm2(dtype: str = "float32") -> Path:
+    """The embedded default as a yoro-jax model directory in the cache (converted once)."""
+    from convert.core import convert
+
+    out = cache_dir() / f"smollm2-{dtype}"
+    if not (out / "yoro_jax.json").is_file():  # absent, or left incomplete
+        convert("smollm2", out, dtype=dtype, overwrite=out.exists())
+    return out
+
+
 def fetch_smollm2_gguf(cache: Path | None = None) -> Path:
     """Path to the SmolLM2 GGUF, downloading and extracting it once into the cache."""
     cache = Path(cache or cache_dir())

@@ -69,13 +69,9 @@ def resolve_base(cfg: RunConfig) -> Model:
                             "tiny-random")  # fmt: skip
         return load_model(out)
     if path == "smollm2":
-        from convert.core import convert
-        from convert.smollm2 import cache_dir
+        from convert.smollm2 import converted_smollm2
 
-        out = cache_dir() / f"smollm2-{cfg.model.dtype}"
-        if not out.is_dir():
-            convert("smollm2", out, dtype=cfg.model.dtype)
-        return load_model(out)
+        return load_model(converted_smollm2(cfg.model.dtype))
     if not Path(path).is_dir():
         raise ConfigError(
             f"model.path: {path!r} is not a model directory; expected one written by "

@@ -92,13 +92,9 @@ def load_base(model: str | None, nets: Path | None, dtype: str | None) -> Model:
         if not model:
             raise ValueError(f"{nets} does not record its base model; pass model=DIR")
     if model == "smollm2":
-        from convert.core import convert
-        from convert.smollm2 import cache_dir
+        from convert.smollm2 import converted_smollm2
 
-        out = cache_dir() / "smollm2-float32"
-        if not out.is_dir():
-            convert("smollm2", out, dtype="float32")
-        model = str(out)
+        model = str(converted_smollm2("float32"))
     return load_model(model, dtype)
 
 
