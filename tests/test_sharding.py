@@ -91,3 +91,17 @@ def test_param_spec_shards_the_largest_divisible_dimension():
 def test_mesh_larger_than_the_machine_is_a_clear_error():
     with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
         MeshConfig(64, 2).validate()
+
+
+def test_train_cli_refuses_a_mesh_bigger_than_the_machine_before_any_work(tmp_path, capsys):
+    import jax
+
+    from train.__main__ import main
+
+    run_dir, n = tmp_path / "run", 2 * jax.device_count()
+    smoke = str(ROOT / "configs" / "smoke.yaml")
+    code = main(["--config", smoke, "--set", f"mesh.data={n}", "--set", f"train.batch_size={n}",
+                 "--set", f"run_dir={run_dir}"])  # fmt: skip
+    assert code == 2
+    assert f"needs {n} devices" in capsys.readouterr().err
+    assert not run_dir.exists()  # no teacher data made, nothing written

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         from yoro_jax.sharding import initialize_distributed
 
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        cfg.mesh.validate()  # before any teacher data is made: enough devices for the mesh
 
         run_dir = Path(cfg.run_dir)
         if args.restart:

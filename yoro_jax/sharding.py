@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from yoro_jax.config import ConfigError
+
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)  # leading (batch) dimension over every device
 
@@ -39,10 +41,10 @@ class MeshConfig:
 
     def validate(self) -> MeshConfig:
         if self.data < 1 or self.fsdp < 1:
-            raise ValueError(f"mesh axes must be >= 1, got data={self.data} fsdp={self.fsdp}")
+            raise ConfigError(f"mesh axes must be >= 1, got data={self.data} fsdp={self.fsdp}")
         available = jax.device_count()
         if self.size > available:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh data={self.data} x fsdp={self.fsdp} needs {self.size} devices, "
                 f"{available} are visible ({jax.devices()[0].platform}); on CPU, simulate "
                 "more with XLA_FLAGS=--xla_force_host_platform_device_count=N"
