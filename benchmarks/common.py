@@ -52,4 +52,7 @@ def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def tree_bytes(tree: Any) -> int:
-    return sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))
+    """Bytes of a pytree of arrays or abstract ``ShapeDtypeStruct``s."""
+    return sum(
+        int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
+    )

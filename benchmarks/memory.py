@@ -14,10 +14,9 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from benchmarks.common import markdown_table
+from benchmarks.common import markdown_table, tree_bytes
 from train.trainer import train_step
 from yoro_jax.config import LlamaConfig
 from yoro_jax.llama import init_params
@@ -29,10 +28,6 @@ TINYLLAMA = LlamaConfig(
     rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
 )  # fmt: skip
 GiB = 2**30
-
-
-def tree_bytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def activation_estimate(

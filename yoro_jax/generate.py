@@ -426,14 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.model is None:
-            from yoro_jax.yoro import read_yoro_meta
+            from yoro_jax.yoro import recorded_base
 
-            args.model = read_yoro_meta(args.yoro).get("base_model")
-            if args.model is None:
-                raise CheckpointError(f"{args.yoro} does not record its base model; give --model")
+            args.model = recorded_base(args.yoro)
         model = load_model(args.model, dtype=args.dtype)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-        decoders = _decoders(model, args.yoro, args.compare)
+        decoders = make_decoders(model, args.yoro, args.compare)
     except (CheckpointError, ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -463,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _decoders(model: Any, yoro_path: str | None, compare: bool) -> dict[str, tuple]:
+def make_decoders(model: Any, yoro_path: str | None, compare: bool) -> dict[str, tuple]:
     """label -> (decoder, params, decoder layers run per generated token)."""
     dtype = model.params["embed"].dtype
     cfg = model.config

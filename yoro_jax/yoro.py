@@ -340,6 +340,16 @@ def read_yoro_meta(path: Path) -> dict[str, Any]:
     return json.loads(meta_path.read_text())
 
 
+def recorded_base(path: Path) -> str:
+    """The base model directory the nets in ``path`` were trained on (as saved with them)."""
+    from yoro_jax.checkpoint import CheckpointError
+
+    base = read_yoro_meta(path).get("base_model")
+    if not base:
+        raise CheckpointError(f"{path} does not record its base model; give the model explicitly")
+    return base
+
+
 def load_yoro(path: Path, base: Any = None) -> tuple[YoroConfig, Params, Any]:
     """Load YORO nets and check them against ``base`` (a loaded Model, or None: the saved path).
 
@@ -349,9 +359,7 @@ def load_yoro(path: Path, base: Any = None) -> tuple[YoroConfig, Params, Any]:
 
     meta = read_yoro_meta(path)
     if base is None:
-        if not meta.get("base_model"):
-            raise CheckpointError(f"{path} does not record its base model; pass one")
-        base = load_model(meta["base_model"])
+        base = load_model(recorded_base(path))
     if base.fingerprint != meta["base_fingerprint"]:
         raise CheckpointError(
             f"the YORO nets in {path} were trained on a different base model: they expect "

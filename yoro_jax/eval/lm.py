@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from yoro_jax.checkpoint import Model, load_model
 from yoro_jax.eval.scoring import score_pairs
-from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
+from yoro_jax.generate import generate_tokens, make_decoders, special_ids
 from yoro_jax.sampling import SamplingConfig
 from yoro_jax.sharding import MeshConfig, make_mesh, shard_params
 
@@ -86,11 +86,9 @@ def load_base(model: str | None, nets: Path | None, dtype: str | None) -> Model:
     if model is None:
         if nets is None:
             raise ValueError("model_args need model=DIR (or yoro=NETS, which records its base)")
-        from yoro_jax.yoro import read_yoro_meta
+        from yoro_jax.yoro import recorded_base
 
-        model = read_yoro_meta(nets).get("base_model")
-        if not model:
-            raise ValueError(f"{nets} does not record its base model; pass model=DIR")
+        model = recorded_base(nets)
     if model == "smollm2":
         from convert.smollm2 import converted_smollm2
 
@@ -140,24 +138,11 @@ class YoroJaxLM(TemplateLM):
         self.add_bos_token = _flag(add_bos_token)
         self.seed = int(seed)
         self.eos_ids, self.pad_id = special_ids(cfg, self.tokenizer)
-        compute_dtype = self.base.params["embed"].dtype
-        if mode == "full":
-            self.decoder = LlamaDecoder(cfg, compute_dtype)
-            self.params: Any = self.base.params
-            self.layers_per_token = cfg.num_hidden_layers
-        else:
-            from yoro_jax.yoro import Yoro, YoroDecoder, load_yoro
-
-            ycfg, trainable, _ = load_yoro(nets, base=self.base)
-            yoro_model = Yoro(cfg, ycfg, compute_dtype)
-            self.decoder = YoroDecoder(yoro_model)
-            self.params = (self.base.params, trainable)
-            self.layers_per_token = (
-                ycfg.embedding_layers + ycfg.compensation_layers + ycfg.coherence_layers
-            )
+        decoders = make_decoders(self.base, nets, compare=True)  # {"full"[, "yoro"]}
+        self.decoder, params, self.layers_per_token = decoders[mode]
         self.nets = nets
         self.mesh = make_mesh(parse_mesh(mesh)) if mesh else None
-        self.params = shard_params(self.params, self.mesh)
+        self.params: Any = shard_params(params, self.mesh)
 
     # ------------------------------------------------------------------ tokenisation
     @property
