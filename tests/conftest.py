@@ -20,6 +20,9 @@ import pytest  # noqa: E402
 from yoro_jax.batch import left_pad  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+QUIET_EVAL = ["eval.sample_prompts=[]", "eval.every_steps=1000"]
 
 
 def tiny_hf_config(**overrides):
@@ -144,3 +147,28 @@ CHAT_PROMPTS = [
     "List three prime numbers and explain why 1 is not prime.",
     "Translate 'good morning' into Spanish and German.",
 ]
+
+
+# ------------------------------------------------------------------------- training runs
+def smoke_config(run_dir: Path, *overrides: str):
+    from train.config import load_config
+
+    return load_config(SMOKE, [f"run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One smoke-config run shared by training and router tests (teacher data + 24 steps)."""
+    from train.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    result = train(smoke_config(run_dir))
+    return run_dir, result
+
+
+def reuse_teacher_data(source_run: Path, run_dir: Path) -> None:
+    """Start a run with another run's base model and teacher shards (same settings)."""
+    import shutil
+
+    for name in ("base", "teacher"):
+        shutil.copytree(source_run / name, run_dir / name)

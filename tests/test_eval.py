@@ -191,6 +191,10 @@ def test_loglikelihood_matches_direct_computation_on_lm_eval_tokenisation(tiny):
             ref = (direct_full(model.config, model.params, ctx, cont)[0] if mode == "full"
                    else direct_yoro(yoro, model.params, trainable, ctx, cont))  # fmt: skip
             assert logprob == pytest.approx(ref, abs=1e-4), (mode, context)
+        summary = lm.get_model_info()["reasoning_layers_per_prompt"]  # reported per prompt
+        reasoning = YCFG.num_reasoning_layers(model.config)
+        want = {"prompts": 3, "mean": reasoning, "min": reasoning, "max": reasoning}
+        assert summary == (None if mode == "full" else want)
 
 
 def test_rolling_loglikelihood_covers_every_token_once(tiny):

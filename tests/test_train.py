@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import QUIET_EVAL, ROOT, SHARED_DATA, SMOKE, reuse_teacher_data, smoke_config
 
 from train import data as data_lib
 from train.config import load_config
 from train.loss import dense_kl, sparse_kl
 from train.teacher import generate_teacher_data
-from train.trainer import KILL_ENV, NonFiniteLoss, Trainer, loss_sums, prepare_run, train
+from train.trainer import NonFiniteLoss, Trainer, loss_sums, prepare_run
 from yoro_jax import llama
 from yoro_jax.config import ConfigError
 from yoro_jax.yoro import Yoro, YoroConfig, init_trainable, load_yoro
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smoke.yaml"
-QUIET_EVAL = ["eval.sample_prompts=[]", "eval.every_steps=1000"]
-
-
-def smoke_config(run_dir: Path, *overrides: str):
-    return load_config(SMOKE, [f"run_dir={run_dir}", *overrides])
 
 
 # ------------------------------------------------------------------------------ losses
@@ -230,14 +219,6 @@ def test_local_prompt_file_and_truncation_report(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- teacher data
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """One smoke-config run shared by the tests below (teacher data + 24 optimizer steps)."""
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    result = train(smoke_config(run_dir))
-    return run_dir, result
-
-
 def test_teacher_records_match_the_full_model(smoke_run):
     run_dir, _ = smoke_run
     prep = prepare_run(smoke_config(run_dir))
@@ -310,7 +291,7 @@ def test_resumed_run_with_other_loss_settings_is_refused(smoke_run):
 
 def test_non_finite_loss_stops_with_step_and_batch(tmp_path, smoke_run):
     run_dir = tmp_path / "run"
-    _reuse_teacher_data(smoke_run[0], run_dir)
+    reuse_teacher_data(smoke_run[0], run_dir)
     cfg = smoke_config(run_dir, "optim.lr=1.0e+30", "optim.warmup_steps=0", "optim.clip_norm=0",
                        "checkpoint.every_steps=1", *QUIET_EVAL)  # fmt: skip
     with pytest.raises(NonFiniteLoss, match=r"at optimizer step \d+, micro-batch 0") as err:
@@ -319,45 +300,6 @@ def test_non_finite_loss_stops_with_step_and_batch(tmp_path, smoke_run):
     assert bad_step > 1
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] == bad_step - 1  # the checkpoints before the failure are intact
-
-
-def _reuse_teacher_data(source_run: Path, run_dir: Path) -> None:
-    """Start a run with another run's base model and teacher shards (same settings)."""
-    for name in ("base", "teacher"):
-        shutil.copytree(source_run / name, run_dir / name)
-
-
-def test_killed_run_resumes_bitwise_equal(tmp_path, smoke_run):
-    """A subprocess SIGKILLed mid-run (after its step-4 checkpoint, at step 6) and then
-    resumed ends with exactly the params of an uninterrupted run of the same seed."""
-    overrides = ["train.max_steps=9", "checkpoint.every_steps=4", "optim.grad_accum=2",
-                 *QUIET_EVAL]  # fmt: skip
-    _reuse_teacher_data(smoke_run[0], tmp_path / "straight")
-    reference = train(smoke_config(tmp_path / "straight", *overrides))
-
-    run_dir = tmp_path / "killed"
-    _reuse_teacher_data(smoke_run[0], run_dir)
-    command = [sys.executable, "-m", "train", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]
-    for item in overrides:
-        command += ["--set", item]
-    env = {**os.environ, KILL_ENV: "6"}
-    killed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not (run_dir / "export").exists()
-    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "from step 4" in resumed.stderr
-
-    _, trainable, _ = load_yoro(run_dir / "export")
-    for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(reference["state"]["trainable"]),
-                    strict=True):  # fmt: skip
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    ref_lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text()
-                 .splitlines()]  # fmt: skip
-    final = [r for r in lines if r["split"] == "train" and r["step"] == 9]
-    ref_final = [r for r in ref_lines if r["split"] == "train" and r["step"] == 9]
-    assert final[-1]["loss"] == ref_final[-1]["loss"]
 
 
 def test_generate_teacher_data_is_deterministic(tmp_path, tiny):

@@ -90,6 +90,23 @@ class TrainSection:
     log_every: int = 10
 
 
+@dataclasses.dataclass(frozen=True)  # hashable: a static argument of the train step
+class RouterTrainSection:
+    """How a router (``yoro.router``) is trained: loss terms, Gumbel temperature, stage."""
+
+    compute_penalty: float = 0.1  # lambda x (weighted) fraction of reasoning layers run
+    depth_scale: float = 0.0  # deepest layer costs 1 + depth_scale times the first
+    target_skip_rate: float | None = None  # quadratic pull of the skip rate toward this
+    target_weight: float = 1.0
+    entropy_weight: float = 0.0  # bonus on the gates' Bernoulli entropy (exploration)
+    temperature: float = 1.0  # gumbel: start temperature ...
+    temperature_decay: float = 0.95  # ... times this per epoch ...
+    min_temperature: float = 0.1  # ... down to this
+    baseline_momentum: float = 0.9  # reinforce with yoro.router.baseline=ema
+    train_nets: bool = True  # false: stage 2, the YORO nets stay as loaded, router only
+    init_nets: str | None = None  # YORO nets (or run dir) to start from; needed for stage 2
+
+
 @dataclasses.dataclass
 class CheckpointSection:
     every_steps: int = 1000
@@ -115,6 +132,7 @@ class RunConfig:
     loss: LossSection = dataclasses.field(default_factory=LossSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    router_train: RouterTrainSection = dataclasses.field(default_factory=RouterTrainSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # data x fsdp devices
@@ -131,11 +149,13 @@ _POSITIVE = {
     "teacher.shard_size", "loss.soft_temperature", "loss.logits_chunk", "optim.lr",
     "optim.grad_accum", "train.batch_size", "train.epochs", "train.max_steps",
     "train.log_every", "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps",
-    "eval.sample_max_new_tokens", "mesh.data", "mesh.fsdp",
+    "eval.sample_max_new_tokens", "mesh.data", "mesh.fsdp", "router_train.temperature",
+    "router_train.temperature_decay", "router_train.min_temperature",
 }  # fmt: skip
 _NON_NEGATIVE = {
     "data.validation_prompts", "loss.ce_weight", "optim.weight_decay", "optim.warmup_steps",
-    "optim.clip_norm", "train.seed",
+    "optim.clip_norm", "train.seed", "router_train.compute_penalty", "router_train.depth_scale",
+    "router_train.target_weight", "router_train.entropy_weight",
 }  # fmt: skip
 
 
@@ -198,6 +218,24 @@ def _check_values(cfg: RunConfig) -> None:
         if get(path) < 0:
             raise ConfigError(f"{path}: must be >= 0, got {get(path)}")
     cfg.yoro.validate_fields()
+    rt = cfg.router_train
+    if rt.target_skip_rate is not None and not 0.0 <= rt.target_skip_rate <= 1.0:
+        raise ConfigError(
+            f"router_train.target_skip_rate must be in [0, 1], got {rt.target_skip_rate}"
+        )
+    if not 0.0 <= rt.baseline_momentum < 1.0:
+        raise ConfigError(
+            f"router_train.baseline_momentum must be in [0, 1), got {rt.baseline_momentum}"
+        )
+    if not rt.train_nets and rt.init_nets is None:
+        raise ConfigError(
+            "router_train.train_nets is false (stage 2) but router_train.init_nets is not set: "
+            "give the trained YORO nets (a run dir or its export/) to keep frozen"
+        )
+    if not rt.train_nets and cfg.yoro.router.kind == "none":
+        raise ConfigError(
+            "router_train.train_nets is false but yoro.router.kind is none: nothing to train"
+        )
     if cfg.train.batch_size % cfg.mesh.size:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the mesh size "

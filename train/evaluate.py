@@ -44,7 +44,7 @@ def evaluate_run(
 
     model = Yoro(base.config, cfg.yoro, compute_dtype(cfg))
     frozen = base.params
-    nets = {"before (initial nets)": initial_trainable(cfg, base.config)}
+    nets = {"before (initial nets)": initial_trainable(cfg, base)}
     for name in ("export", "best"):
         if (run_dir / name).is_dir():
             nets[f"after ({name})"] = load_yoro(run_dir / name, base)[1]

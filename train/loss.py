@@ -45,7 +45,10 @@ def chunked_sums(
     chunk: int,
     teacher_hidden: jax.Array | None = None,  # [B, R, d]: online mode
 ) -> dict[str, jax.Array]:
-    """Sums over valid positions: kl, ce, top-1 agreement, and the position count."""
+    """Per-row sums [B] over valid positions: kl, ce, top-1 agreement, position count.
+
+    Per row, so that a per-sequence reward (REINFORCE router) can be formed from them.
+    """
     b, r, _ = hidden.shape
     chunk = min(chunk, r)
     if r % chunk:
@@ -78,14 +81,14 @@ def chunked_sums(
         ce = cross_entropy(logits, x["targets"]) if ce_weight else jnp.zeros_like(kl)
         agree = (jnp.argmax(logits, axis=-1) == teacher_top1).astype(jnp.float32)
         return {
-            "kl": jnp.sum(kl * mask),
-            "ce": jnp.sum(ce * mask),
-            "top1": jnp.sum(agree * mask),
-            "count": jnp.sum(mask),
+            "kl": jnp.sum(kl * mask, axis=-1),
+            "ce": jnp.sum(ce * mask, axis=-1),
+            "top1": jnp.sum(agree * mask, axis=-1),
+            "count": jnp.sum(mask, axis=-1),
         }
 
     def body(total, x):
         return jax.tree.map(jnp.add, total, one_chunk(x)), None
 
-    zero = {k: jnp.float32(0) for k in ("kl", "ce", "top1", "count")}
+    zero = {k: jnp.zeros((b,), jnp.float32) for k in ("kl", "ce", "top1", "count")}
     return jax.lax.scan(body, zero, xs)[0]

@@ -36,16 +36,18 @@ from tqdm.auto import tqdm
 from train import data as data_lib
 from train.config import RunConfig, load_config, to_dict
 from train.loss import chunked_sums
+from train.routing import router_objective, temperature_at
 from yoro_jax import llama
 from yoro_jax.checkpoint import Model, load_model, resolve_dtype, write_model_dir
-from yoro_jax.config import ConfigError, LlamaConfig
+from yoro_jax.config import ConfigError
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
 from yoro_jax.llama import Params
+from yoro_jax.router import layers_needed
 from yoro_jax.sharding import make_mesh, shard_batch, shard_params
-from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, save_yoro
+from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, load_yoro, save_yoro
 
 # Sections whose change makes a resumed run a different experiment.
-_FIXED_ON_RESUME = ("model", "yoro", "data", "teacher", "loss", "optim")
+_FIXED_ON_RESUME = ("model", "yoro", "data", "teacher", "loss", "optim", "router_train")
 # Test hook: SIGKILL this process right after the given optimizer step (simulates a crash).
 KILL_ENV = "YORO_JAX_KILL_AFTER_STEP"
 
@@ -113,7 +115,10 @@ def _check_resumable(cfg: RunConfig, run_dir: Path) -> None:
     saved_path = run_dir / "config.yaml"
     new = to_dict(cfg)
     if saved_path.is_file():
-        saved = yaml.safe_load(saved_path.read_text())
+        try:  # through the current schema: settings added since then take their defaults
+            saved = to_dict(load_config(saved_path))
+        except ConfigError:
+            saved = yaml.safe_load(saved_path.read_text())
         changed = [k for k in _FIXED_ON_RESUME if saved.get(k) != new.get(k)]
         if changed:
             raise ConfigError(
@@ -153,25 +158,51 @@ def lr_schedule(cfg: RunConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW on :func:`lr_schedule` with global-norm clipping; optional accumulation."""
+    """AdamW on :func:`lr_schedule` with global-norm clipping; optional accumulation.
+
+    Stage 2 (``router_train.train_nets: false``): only the router is updated; the YORO
+    nets get zero updates and no optimizer state.
+    """
     o = cfg.optim
     tx = optax.chain(
         optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
         optax.adamw(lr_schedule(cfg, total_steps), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
     )
+    if not cfg.router_train.train_nets:
+        tx = optax.multi_transform({"train": tx, "keep": optax.set_to_zero()}, _router_labels)
     if o.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum)
     return tx
 
 
-def initial_trainable(cfg: RunConfig, base: LlamaConfig) -> Params:
-    """The run's freshly initialised YORO nets (from ``train.seed``)."""
+def _router_labels(trainable: Params) -> Params:
+    return {name: jax.tree.map(lambda _, n=name: "train" if n == "router" else "keep", tree)
+            for name, tree in trainable.items()}  # fmt: skip
+
+
+def initial_trainable(cfg: RunConfig, base: Model) -> Params:
+    """The run's starting nets: fresh (from ``train.seed``), or the YORO nets in
+    ``router_train.init_nets`` with a fresh router (stage 2)."""
     init_key, _ = jax.random.split(jax.random.key(cfg.train.seed))
-    return init_trainable(cfg.yoro, base, init_key)
+    fresh = init_trainable(cfg.yoro, base.config, init_key)
+    if cfg.router_train.init_nets is None:
+        return fresh
+    path = Path(cfg.router_train.init_nets)
+    if (path / "export").is_dir() and not (path / "yoro_config.json").is_file():
+        path = path / "export"  # a run directory: its final nets
+    ycfg, loaded, _ = load_yoro(path, base)
+    ours = dataclasses.replace(cfg.yoro, router=ycfg.router)
+    if ycfg != ours:
+        raise ConfigError(
+            f"router_train.init_nets: the nets in {path} have split/sizes {ycfg}, this run's "
+            f"yoro section asks for {cfg.yoro}; they must match (the router may differ)"
+        )
+    return {**{k: v for k, v in loaded.items() if k != "router"}, **(
+        {"router": fresh["router"]} if "router" in fresh else {})}  # fmt: skip
 
 
 # ------------------------------------------------------------------------- the step
-def loss_sums(
+def row_sums(
     model: Yoro,
     frozen: Params,
     trainable: Params,
@@ -182,23 +213,39 @@ def loss_sums(
     temperature: float,
     ce_weight: float,
     chunk: int,
-) -> dict[str, jax.Array]:
-    """Sums of the loss terms over the batch's valid response positions."""
+    **routing_args: Any,
+) -> tuple[dict[str, jax.Array], Any]:
+    """Per-row sums [B] of the loss terms over valid response positions, and the routing
+    (``routing_args``: fixed ``gates``, or ``key``/``router_temperature`` to sample)."""
     tokens, valid = batch["tokens"], batch["valid"]
     resp_len = batch["targets"].shape[1]
     # Position P-1+j predicts response token j; the last input token predicts nothing.
-    hidden = model.response_hidden(frozen, trainable, tokens, valid, prompt_len)[:, :resp_len]
+    hidden, routing = model.response_hidden(
+        frozen, trainable, tokens, valid, prompt_len, **routing_args
+    )
+    hidden = hidden[:, :resp_len]
     teacher_hidden = None
     if online:
         full = llama.hidden_states(model.base, frozen, tokens, valid, model.dtype)
         teacher_hidden = jax.lax.stop_gradient(full[:, prompt_len - 1 : prompt_len - 1 + resp_len])
-    return chunked_sums(
+    sums = chunked_sums(
         lambda h: model.logits(frozen, h), hidden, batch, temperature=temperature,
         ce_weight=ce_weight, chunk=chunk, teacher_hidden=teacher_hidden,
     )  # fmt: skip
+    return sums, routing
 
 
-@partial(jax.jit, static_argnames=("model", "tx", "prompt_len", "loss_opts"), donate_argnums=(2,))
+def loss_sums(model, frozen, trainable, batch, prompt_len, **opts) -> dict[str, jax.Array]:
+    """Sums of the loss terms over the batch's valid response positions."""
+    sums, _ = row_sums(model, frozen, trainable, batch, prompt_len, **opts)
+    return {key: jnp.sum(value) for key, value in sums.items()}
+
+
+@partial(
+    jax.jit,
+    static_argnames=("model", "tx", "prompt_len", "loss_opts", "router_opts"),
+    donate_argnums=(2,),
+)
 def train_step(
     model: Yoro,
     frozen: Params,
@@ -208,18 +255,42 @@ def train_step(
     tx: optax.GradientTransformation,
     prompt_len: int,
     loss_opts: tuple[tuple[str, Any], ...],
+    router_opts: Any = None,  # RouterTrainSection (hashable view), with a router
+    temperature: jax.Array | float = 1.0,  # the router's Gumbel temperature this step
 ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    """One micro-batch: gradients of the trainable pytree only (frozen is a plain input)."""
+    """One micro-batch: gradients of the trainable pytree only (frozen is a plain input).
+
+    With a router, its gates are sampled from ``fold_in(rng, step)`` (so a resumed run
+    draws the same gates) and its loss terms (:mod:`train.routing`) are added.
+    """
     opts = dict(loss_opts)
     ce_weight = opts["ce_weight"]
+    routed = model.router is not None
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
     def loss_fn(trainable):
-        sums = loss_sums(model, frozen, trainable, batch, prompt_len, **opts)
+        if routed and not router_opts.train_nets:  # stage 2: no gradients into the nets
+            trainable = {k: v if k == "router" else jax.lax.stop_gradient(v)
+                         for k, v in trainable.items()}  # fmt: skip
+        routing_args = {"key": key, "router_temperature": temperature} if routed else {}
+        rows, routing = row_sums(
+            model, frozen, trainable, batch, prompt_len, **opts, **routing_args
+        )
+        sums = {k: jnp.sum(v) for k, v in rows.items()}
         count = jnp.maximum(sums["count"], 1.0)
         loss = (sums["kl"] + ce_weight * sums["ce"]) / count
-        return loss, sums
+        if not routed:
+            return loss, (sums, {})
+        row_loss = (rows["kl"] + ce_weight * rows["ce"]) / jnp.maximum(rows["count"], 1.0)
+        extra, router_metrics = router_objective(
+            routing, row_loss, batch["valid"][:, :prompt_len], router_opts, state["step"],
+            state["baseline"],
+        )  # fmt: skip
+        return loss + extra, (sums, router_metrics | {"distill": loss})
 
-    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
+    (loss, (sums, router_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["trainable"]
+    )
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     new_state = {
         "trainable": optax.apply_updates(state["trainable"], updates),
@@ -227,15 +298,29 @@ def train_step(
         "step": state["step"] + 1,
         "rng": state["rng"],
     }
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **sums}
+    if routed:
+        new_state["baseline"] = router_metrics["baseline"]
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **sums, **router_metrics}
     return new_state, metrics
 
 
 @partial(jax.jit, static_argnames=("model", "prompt_len", "chunk"))
-def eval_sums(model: Yoro, frozen: Params, trainable: Params, batch, prompt_len: int, chunk: int):
-    """Held-out metrics against the exact teacher (the full model's dense logits, T=1)."""
-    return loss_sums(model, frozen, trainable, batch, prompt_len, online=True, temperature=1.0,
-                     ce_weight=1.0, chunk=chunk)  # fmt: skip
+def eval_sums(
+    model: Yoro, frozen: Params, trainable: Params, batch, prompt_len: int, chunk: int,
+    keep: jax.Array | None = None,  # [R] fixed 0/1 gates for every row (static baselines)
+):  # fmt: skip
+    """Held-out metrics against the exact teacher (the full model's dense logits, T=1),
+    with deterministic routing; also [B] reasoning layers each row needed and [B, R] which."""
+    gates = (
+        None if keep is None else jnp.broadcast_to(keep, (batch["tokens"].shape[0], *keep.shape))
+    )
+    rows, routing = row_sums(model, frozen, trainable, batch, prompt_len, online=True,
+                             temperature=1.0, ce_weight=1.0, chunk=chunk, gates=gates)  # fmt: skip
+    sums = {key: jnp.sum(value) for key, value in rows.items()}
+    if routing is not None:
+        on = routing.gates if routing.gates.ndim == 2 else jnp.max(routing.gates, axis=1)
+        sums |= {"layers": layers_needed(routing.gates), "layer_on": on}
+    return sums
 
 
 def heldout_metrics(
@@ -247,18 +332,31 @@ def heldout_metrics(
     pad_id: int,
     top_k: int,
     chunk: int,
-) -> dict[str, float]:
+    keep: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Per-token means over ``examples``: dense KL to the full model (T=1), top-1 agreement
-    with it, and cross-entropy of the teacher's tokens."""
+    with it, and cross-entropy of the teacher's tokens. With a router (or fixed ``keep``
+    gates): mean reasoning layers run per prompt and each layer's skip rate."""
     if not examples:
         return {}
     totals: dict[str, float] = {}
+    layers, layer_on = [], []
     for batch in data_lib.batches(examples, batch_size, pad_id, top_k):
         arrays, prompt_len = _to_device(batch)
-        for key, value in eval_sums(model, frozen, trainable, arrays, prompt_len, chunk).items():
-            totals[key] = totals.get(key, 0.0) + float(value)
+        sums = eval_sums(model, frozen, trainable, arrays, prompt_len, chunk,
+                         None if keep is None else jnp.asarray(keep, jnp.float32))  # fmt: skip
+        for key in ("kl", "ce", "top1", "count"):
+            totals[key] = totals.get(key, 0.0) + float(sums[key])
+        if "layers" in sums:
+            layers.append(np.asarray(sums["layers"]))
+            layer_on.append(np.asarray(sums["layer_on"]))
     count = max(totals["count"], 1.0)
-    return {key: totals[key] / count for key in ("kl", "top1", "ce")} | {"tokens": count}
+    out = {key: totals[key] / count for key in ("kl", "top1", "ce")} | {"tokens": count}
+    if layers:
+        on = np.concatenate(layer_on).astype(np.float64)
+        out |= {"reasoning_layers": float(np.concatenate(layers).mean()),
+                "layer_skip_rate": (1.0 - on.mean(axis=0)).tolist()}  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------------- the loop
@@ -326,6 +424,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         if self.total_steps < 1:
             raise ConfigError("the data gives no full optimizer step; lower train.batch_size")
+        self.steps_per_epoch = micro_steps / cfg.train.epochs / cfg.optim.grad_accum
+        self.routed = self.model.router is not None
         self.tx = make_optimizer(cfg, self.total_steps)
         self.schedule = lr_schedule(cfg, self.total_steps)  # for logging the learning rate
         self.loss_opts = (
@@ -339,13 +439,15 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def init_state(self) -> dict[str, Any]:
         _, rng = jax.random.split(jax.random.key(self.cfg.train.seed))
-        trainable = initial_trainable(self.cfg, self.base.config)
+        trainable = initial_trainable(self.cfg, self.base)
         state = {
             "trainable": trainable,
             "opt_state": self.tx.init(trainable),
             "step": jnp.int32(0),
             "rng": jax.random.key_data(rng),
         }
+        if self.routed:  # REINFORCE's moving-average reward baseline
+            state["baseline"] = jnp.float32(0)
         return shard_params(state, self.mesh)
 
     def checkpoint_manager(self):
@@ -412,9 +514,14 @@ class Trainer:
         metrics = self.evaluate(trainable)
         if not metrics:
             return
-        log.write(step, "val", metrics)
+        scalars = {k: v for k, v in metrics.items() if k != "layer_skip_rate"}
+        for index, rate in enumerate(metrics.get("layer_skip_rate", [])):
+            scalars[f"skip_rate/layer_{index:02d}"] = rate
+        log.write(step, "val", scalars)
         rows = self.samples(trainable, step)
-        tqdm.write(f"step {step}: val KL {metrics['kl']:.4f}  top-1 {metrics['top1']:.3f}")
+        routed = (f"  reasoning layers {metrics['reasoning_layers']:.2f}"
+                  if "reasoning_layers" in metrics else "")  # fmt: skip
+        tqdm.write(f"step {step}: val KL {metrics['kl']:.4f}  top-1 {metrics['top1']:.3f}{routed}")
         for row in rows[:2]:
             tqdm.write(f"  [full] {row['full']!r}\n  [yoro] {row['yoro']!r}")
         if metrics["kl"] < best.get("kl", math.inf):
@@ -442,15 +549,19 @@ class Trainer:
 
         progress = tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step")
         window = {"loss": 0.0, "kl": 0.0, "tokens": 0, "n": 0, "time": time.perf_counter()}
+        router_window: dict[str, float] = {}
+        router_opts = cfg.router_train if self.routed else None
         step = start_step
         try:
             for step in range(start_step + 1, self.total_steps + 1):
+                temperature = temperature_at(cfg.router_train, step, self.steps_per_epoch)
                 for micro in range(accum):
                     batch = next(iterator)
                     arrays, prompt_len = _to_device(batch, self.mesh)
                     new_state, m = train_step(
                         self.model, self.frozen, state, arrays,
                         tx=self.tx, prompt_len=prompt_len, loss_opts=self.loss_opts,
+                        router_opts=router_opts, temperature=jnp.float32(temperature),
                     )  # fmt: skip
                     loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
                     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -466,6 +577,9 @@ class Trainer:
                     window["kl"] += float(m["kl"]) / count
                     window["tokens"] += int(batch["valid"].sum())
                     window["n"] += 1
+                    for key in ("active_layers", "skip_rate", "gate_entropy", "reward"):
+                        if key in m:
+                            router_window[key] = router_window.get(key, 0.0) + float(m[key])
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window["time"]
@@ -474,6 +588,11 @@ class Trainer:
                         "grad_norm": grad_norm, "lr": float(self.schedule(step)),
                         "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                     }  # fmt: skip
+                    if self.routed:
+                        scalars |= {k: v / window["n"] for k, v in router_window.items()}
+                        scalars |= {"temperature": temperature,
+                                    "baseline": float(state["baseline"])}  # fmt: skip
+                        router_window = {}
                     log.write(step, "train", scalars)
                     progress.set_postfix(loss=f"{scalars['loss']:.4f}",
                                          tok_s=f"{scalars['tokens_per_s']:.0f}")  # fmt: skip

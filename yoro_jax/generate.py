@@ -60,6 +60,10 @@ class Decoder(Protocol):
         """Final norm + LM head: float32 logits [..., V]."""
         ...
 
+    def reasoning_layers(self, caches: Any) -> jax.Array | None:
+        """[B] reasoning layers each prompt's prefill needed (None: no reasoning block)."""
+        ...
+
 
 def step(decoder: Decoder, params, caches, tokens, positions, kv_valid, slot):
     """One token per row ([B, 1]) at ``slot`` -> (logits [B, V], updated caches)."""
@@ -92,6 +96,9 @@ class LlamaDecoder:
 
     def head(self, params: Params, hidden):
         return llama.head(self.cfg, params, hidden)
+
+    def reasoning_layers(self, caches) -> None:
+        return None
 
 
 # ------------------------------------------------------------------ on-device generation
@@ -218,6 +225,8 @@ class Completion:
     # with record_top_k: the model's top-k ids / log-probs at each generated position
     top_ids: np.ndarray | None = None  # [len(tokens), k] int32
     top_logprobs: np.ndarray | None = None  # [len(tokens), k] float32
+    # YORO: reasoning layers this prompt needed in the one reasoning pass (router-gated)
+    reasoning_layers: int | None = None
 
 
 def _find_stop(text: str, stop: Sequence[str]) -> int:
@@ -296,6 +305,10 @@ def generate_tokens(
     completions = [
         _completion(out[row], eos, stopped_at.get(row), tokenizer) for row in range(batch)
     ]
+    layers = decoder.reasoning_layers(state["caches"])
+    if layers is not None:
+        for completion, count in zip(completions, np.asarray(layers).tolist(), strict=True):
+            completion.reasoning_layers = int(count)
     if record_top_k:
         top_ids, top_logprobs = np.asarray(state["top_ids"]), np.asarray(state["top_logprobs"])
         for row, completion in enumerate(completions):
@@ -450,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, tokenizer=model.tokenizer, stop=args.stop,
             on_update=stream_printer(model.tokenizer) if stream else None,
         )  # fmt: skip
+        needed = [c.reasoning_layers for c in answers[label] if c.reasoning_layers is not None]
+        if needed and label != "full":
+            print(f"[{label}: reasoning layers run per prompt: {needed}]", file=sys.stderr)
     if stream:
         print()
         return 0

@@ -8,16 +8,17 @@ Given a base Llama with N layers and a :class:`YoroConfig` (E, C, Lc, La, Lk)::
     compensation      Lc new decoder layers                          trainable
     adaptation        La x (Linear(d, d) -> ReLU)                    trainable
     concatenation     Lk x (Linear(d, d) -> ReLU)                    trainable
+    router            optional: gates the reasoning layers           trainable
 
 ``frozen`` is the base model's params pytree itself (blocks are slices of its layer list,
 so the teacher shares it); ``trainable`` is a separate pytree
-``{"compensation": [...], "adaptation": {...}, "concatenation": {...}}``.
+``{"compensation": [...], "adaptation": {...}, "concatenation": {...}[, "router": {...}]}``.
 
 Teacher forcing (DESIGN §3) on the batch layout: prompts right-aligned to a common
 boundary P (left padding), responses left-aligned after it (right padding)::
 
     e = Emb(x)                       all T positions, causal
-    r = Reason(e[:, :P])             prompt only: the one reasoning pass
+    r = Reason(e[:, :P])             prompt only: the one reasoning pass (router-gated)
     logits[t] = Head(Coh(r))[t]      t < P   (t = P-1 predicts the first response token)
     z = Concat(Adapt(r~) + Comp(e))  r~ = r on the prompt, 0 after it
     logits[t] = Head(Coh(z))[t]      t >= P
@@ -35,8 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from yoro_jax import llama
+from yoro_jax import router as router_lib
 from yoro_jax.config import ConfigError, LlamaConfig
 from yoro_jax.llama import Params
+from yoro_jax.router import Router, RouterConfig, RouterOutput
 
 YORO_CONFIG_FILE = "yoro_config.json"
 TRAINABLE_DIR = "trainable"
@@ -51,9 +54,18 @@ class YoroConfig:
     compensation_layers: int = 2
     adaptation_layers: int = 2
     concatenation_layers: int = 1
+    router: RouterConfig = RouterConfig()  # kind "none": every reasoning layer runs
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> YoroConfig:
+        """From the saved JSON (nets saved before routers existed have no "router")."""
+        return cls(**{**raw, "router": RouterConfig(**raw.get("router", {}))})
 
     def validate_fields(self) -> YoroConfig:
+        self.router.validate()
         for field in dataclasses.fields(self):
+            if field.name == "router":
+                continue
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"yoro.{field.name} must be an integer >= 0, got {value!r}")
@@ -104,14 +116,20 @@ def _mlp(trainable: Params, name: str, num_layers: int, x: jax.Array) -> jax.Arr
 
 
 def init_trainable(ycfg: YoroConfig, base: LlamaConfig, key: jax.Array) -> Params:
-    """Fresh trainable nets (float32 master weights)."""
+    """Fresh trainable nets (float32 master weights), the router's if there is one."""
     k_comp, k_adapt, k_concat = jax.random.split(key, 3)
     dummy = jnp.zeros((1, base.hidden_size), jnp.float32)
-    return {
+    nets = {
         "compensation": llama.init_layers(base, k_comp, ycfg.compensation_layers),
         "adaptation": ReluMLP(ycfg.adaptation_layers).init(k_adapt, dummy).get("params", {}),
         "concatenation": ReluMLP(ycfg.concatenation_layers).init(k_concat, dummy).get("params", {}),
     }
+    router = router_lib.make_router(ycfg.router)
+    if router is not None:
+        nets["router"] = router.init(
+            jax.random.fold_in(key, 3), base.hidden_size, ycfg.num_reasoning_layers(base)
+        )
+    return nets
 
 
 # -------------------------------------------------------------------------- the blocks
@@ -126,6 +144,10 @@ class Yoro:
 
     def __post_init__(self) -> None:
         self.ycfg.validate(self.base)
+
+    @property
+    def router(self) -> Router | None:
+        return router_lib.make_router(self.ycfg.router)
 
     # layer slices of the frozen base
     def embedding_layers(self, frozen: Params) -> list[Params]:
@@ -144,9 +166,57 @@ class Yoro:
     def concat(self, trainable: Params, x: jax.Array) -> jax.Array:
         return _mlp(trainable, "concatenation", self.ycfg.concatenation_layers, x)
 
-    def reason(self, frozen: Params, e: jax.Array, rope: llama.Rope, mask: jax.Array) -> jax.Array:
-        """The reasoning block: the expensive middle layers, run once on the prompt."""
-        return llama.run_layers(self.base, self.reasoning_layers(frozen), e, rope, mask)[0]
+    def reason(
+        self,
+        frozen: Params,
+        e: jax.Array,  # [B, P, d]
+        rope: llama.Rope,
+        mask: jax.Array,
+        gates: jax.Array | None = None,  # [B, R] or [B, P, R]; None: every layer
+        skip: bool = False,
+    ) -> jax.Array:
+        """The reasoning block: the expensive middle layers, run once on the prompt.
+
+        With gates, layer l gives ``g*Layer(h) + (1-g)*h`` (straight-through gradients reach
+        g). ``skip`` (inference, 0/1 gates): a layer no row of the batch needs is not run at
+        all (``lax.cond``), and rows that do not need a run layer keep h exactly.
+        """
+        layers = self.reasoning_layers(frozen)
+        if gates is None:
+            return llama.run_layers(self.base, layers, e, rope, mask)[0]
+        h = e
+        for index, layer in enumerate(layers):
+            g = gates[..., index]  # [B] or [B, P]
+            g = (g[:, None, None] if g.ndim == 1 else g[..., None]).astype(h.dtype)
+
+            def run(h, layer=layer):
+                return llama.run_layers(self.base, [layer], h, rope, mask)[0]
+
+            if skip:
+                h = jax.lax.cond(
+                    jnp.any(g > 0), lambda h, g=g, run=run: jnp.where(g > 0, run(h), h),
+                    lambda h: h, h,
+                )  # fmt: skip
+            else:
+                h = g * run(h) + (1 - g) * h
+        return h
+
+    def route(
+        self,
+        trainable: Params,
+        e: jax.Array,  # [B, P, d] embedding-block output over the prompt
+        valid: jax.Array,  # [B, P]
+        key: jax.Array | None = None,
+        router_temperature: jax.Array | float = 1.0,
+    ) -> RouterOutput | None:
+        """The router's gates: sampled (training, with ``key``) or deterministic."""
+        router = self.router
+        if router is None:
+            return None
+        if key is None:
+            gates = router.decide(trainable["router"], e, valid)
+            return RouterOutput(gates, gates)
+        return router.sample(trainable["router"], e, valid, key=key, temperature=router_temperature)
 
     # ------------------------------------------------------------------ teacher forcing
     def hidden_states(
@@ -156,11 +226,16 @@ class Yoro:
         tokens: jax.Array,  # [B, T]
         valid: jax.Array,  # [B, T]
         prompt_len: int,  # P, static: the common prompt boundary
-    ) -> tuple[jax.Array, jax.Array]:
-        """Coherence-block outputs before the final norm.
+        *,
+        gates: jax.Array | None = None,  # fixed gates [B, R] (static baselines) or None
+        key: jax.Array | None = None,  # sample the router's gates (training)
+        router_temperature: jax.Array | float = 1.0,  # Gumbel temperature
+    ) -> tuple[jax.Array, jax.Array, RouterOutput | None]:
+        """Coherence-block outputs before the final norm, and the routing used.
 
-        Returns ``(h_reason [B, P, d], h_yoro [B, T-P, d])``: position t < P comes from the
-        reasoning path, t >= P from the YORO path (DESIGN §3).
+        Returns ``(h_reason [B, P, d], h_yoro [B, T-P, d], routing)``: position t < P comes
+        from the reasoning path, t >= P from the YORO path (DESIGN §3). ``routing`` is None
+        without a router or fixed ``gates``.
         """
         cfg, total = self.base, tokens.shape[1]
         if not 0 < prompt_len <= total:
@@ -172,7 +247,13 @@ class Yoro:
 
         x = llama.embed_tokens(frozen, tokens, self.dtype)
         e, _ = llama.run_layers(cfg, self.embedding_layers(frozen), x, rope, mask)
-        r = self.reason(frozen, e[:, :prompt_len], prompt_rope, prompt_mask)
+        if gates is not None:
+            routing = RouterOutput(gates, gates)
+        else:
+            routing = self.route(trainable, e[:, :prompt_len], valid[:, :prompt_len], key,
+                                 router_temperature)  # fmt: skip
+        r = self.reason(frozen, e[:, :prompt_len], prompt_rope, prompt_mask,
+                        None if routing is None else routing.gates)  # fmt: skip
         h_reason, _ = llama.run_layers(
             cfg, self.coherence_layers(frozen), r, prompt_rope, prompt_mask
         )
@@ -194,24 +275,31 @@ class Yoro:
         h_yoro, _ = llama.run_layers(
             cfg, self.coherence_layers(frozen), z, rope, mask, remat=self.remat
         )
-        return h_reason, h_yoro[:, prompt_len:]
+        return h_reason, h_yoro[:, prompt_len:], routing
 
-    def response_hidden(self, frozen, trainable, tokens, valid, prompt_len) -> jax.Array:
+    def response_hidden(
+        self, frozen, trainable, tokens, valid, prompt_len, **routing_args
+    ) -> tuple[jax.Array, RouterOutput | None]:
         """Hidden states [B, T-P+1, d] at the positions that predict response tokens.
 
         Index 0 is position P-1 (reasoning path, predicts the first response token);
         index j >= 1 is position P-1+j (YORO path). Apply :meth:`logits` to get logits.
+        ``routing_args``: see :meth:`hidden_states`.
         """
-        h_reason, h_yoro = self.hidden_states(frozen, trainable, tokens, valid, prompt_len)
-        return jnp.concatenate([h_reason[:, -1:], h_yoro], axis=1)
+        h_reason, h_yoro, routing = self.hidden_states(
+            frozen, trainable, tokens, valid, prompt_len, **routing_args
+        )
+        return jnp.concatenate([h_reason[:, -1:], h_yoro], axis=1), routing
 
     def logits(self, frozen: Params, hidden: jax.Array) -> jax.Array:
         """Final norm + LM head (float32 logits)."""
         return llama.head(self.base, frozen, hidden)
 
-    def forward(self, frozen, trainable, tokens, valid, prompt_len) -> jax.Array:
+    def forward(self, frozen, trainable, tokens, valid, prompt_len, **routing_args) -> jax.Array:
         """Logits [B, T, V] at every position (tests and analysis; training avoids this)."""
-        h_reason, h_yoro = self.hidden_states(frozen, trainable, tokens, valid, prompt_len)
+        h_reason, h_yoro, _ = self.hidden_states(
+            frozen, trainable, tokens, valid, prompt_len, **routing_args
+        )
         return self.logits(frozen, jnp.concatenate([h_reason, h_yoro], axis=1))
 
     def cast(self, trainable: Params) -> Params:
@@ -226,10 +314,21 @@ class YoroDecoder:
     """:class:`~yoro_jax.generate.Decoder` for YORO; params are ``(frozen, trainable)``.
 
     Prefill runs the reasoning block once and fills the embedding, compensation and
-    coherence caches; each step runs E + Lc + C layers and the two small MLPs.
+    coherence caches; each step runs E + Lc + C layers and the two small MLPs. With a
+    router (or fixed ``keep_layers``, one 0/1 per reasoning layer) the reasoning pass runs
+    only the layers some prompt of the batch needs; ``caches["reasoning_layers"]`` [B]
+    counts the layers each prompt needed.
     """
 
     model: Yoro
+    keep_layers: tuple[int, ...] | None = None  # static gates for every prompt (baselines)
+
+    def gates(self, trainable, e, valid) -> jax.Array | None:
+        if self.keep_layers is not None:
+            keep = jnp.asarray(self.keep_layers, jnp.float32)
+            return jnp.broadcast_to(keep, (e.shape[0], keep.shape[0]))
+        routing = self.model.route(trainable, e, valid)
+        return None if routing is None else routing.gates
 
     def prefill(self, params, tokens, valid, kv_valid):
         frozen, trainable = params
@@ -250,7 +349,13 @@ class YoroDecoder:
         e, caches["embedding"] = llama.run_layers(
             cfg, m.embedding_layers(frozen), x, rope, cached_mask, caches["embedding"], 0
         )
-        r = m.reason(frozen, e, rope, prompt_mask)
+        gates = self.gates(trainable, e, valid)
+        r = m.reason(frozen, e, rope, prompt_mask, gates, skip=True)
+        caches["reasoning_layers"] = (
+            jnp.full((batch,), m.ycfg.num_reasoning_layers(cfg), jnp.int32)
+            if gates is None
+            else router_lib.layers_needed(gates)
+        )
         h_reason, _ = llama.run_layers(cfg, m.coherence_layers(frozen), r, rope, prompt_mask)
         comp, caches["compensation"] = llama.run_layers(
             cfg, m.cast(trainable)["compensation"], e, rope, cached_mask, caches["compensation"], 0
@@ -284,6 +389,10 @@ class YoroDecoder:
 
     def head(self, params, hidden):
         return self.model.logits(params[0], hidden)
+
+    def reasoning_layers(self, caches) -> jax.Array:
+        """[B] reasoning layers each prompt's prefill needed."""
+        return caches["reasoning_layers"]
 
 
 # ------------------------------------------------------------------------- accounting
@@ -324,7 +433,7 @@ def save_yoro(
     with atomic_directory(Path(out), overwrite) as tmp:
         save_pytree(tmp / TRAINABLE_DIR, trainable)
         meta = {
-            "yoro": dataclasses.asdict(ycfg),
+            "yoro": dataclasses.asdict(ycfg),  # includes the router's config
             "base_model": str(Path(base_dir).absolute()) if base_dir else None,
             "base_fingerprint": base_fingerprint,
         }
@@ -366,6 +475,6 @@ def load_yoro(path: Path, base: Any = None) -> tuple[YoroConfig, Params, Any]:
             f"fingerprint {meta['base_fingerprint'][:16]} ({meta.get('base_model')}), the given "
             f"base {base.path} has {base.fingerprint[:16]}"
         )
-    ycfg = YoroConfig(**meta["yoro"]).validate(base.config)
+    ycfg = YoroConfig.from_dict(meta["yoro"]).validate(base.config)
     abstract = jax.eval_shape(lambda: init_trainable(ycfg, base.config, jax.random.key(0)))
     return ycfg, restore_pytree(Path(path) / TRAINABLE_DIR, abstract), base

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -137,6 +138,7 @@ class YoroJaxLM(TemplateLM):
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         self.add_bos_token = _flag(add_bos_token)
         self.seed = int(seed)
+        self.reasoning_layers_per_prompt: list[int] = []
         self.eos_ids, self.pad_id = special_ids(cfg, self.tokenizer)
         decoders = make_decoders(self.base, nets, compare=True)  # {"full"[, "yoro"]}
         self.decoder, params, self.layers_per_token = decoders[mode]
@@ -206,7 +208,7 @@ class YoroJaxLM(TemplateLM):
                   desc=f"loglikelihood ({self.mode})") as bar:  # fmt: skip
             results = score_pairs(
                 self.decoder, self.params, pairs, batch_size=self.batch_size, pad_id=self.pad_id,
-                progress=bar, mesh=self.mesh,
+                progress=bar, mesh=self.mesh, reasoning_layers=self.reasoning_layers_per_prompt,
             )  # fmt: skip
         for (cache_key, _, _), result in zip(requests, results, strict=True):
             if cache_key is not None:
@@ -276,6 +278,8 @@ class YoroJaxLM(TemplateLM):
                     seed=self.seed + start, tokenizer=self.tokenizer, stop=until, mesh=self.mesh,
                 )  # fmt: skip
                 for i, completion in zip(batch, completions, strict=False):
+                    if completion.reasoning_layers is not None:
+                        self.reasoning_layers_per_prompt.append(completion.reasoning_layers)
                     text = self.tok_decode(completion.tokens)
                     outputs[i] = postprocess_generated_text(text, until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
@@ -283,8 +287,17 @@ class YoroJaxLM(TemplateLM):
         bar.close()
         return outputs  # type: ignore[return-value]
 
+    def reasoning_summary(self) -> dict[str, float] | None:
+        """Reasoning layers run per prompt so far (YORO; a router makes this vary)."""
+        counts = [c for c in self.reasoning_layers_per_prompt if c >= 0]
+        if not counts:
+            return None
+        return {"prompts": len(counts), "mean": float(np.mean(counts)),
+                "min": int(min(counts)), "max": int(max(counts))}  # fmt: skip
+
     def get_model_info(self) -> dict[str, Any]:
         return {
+            "reasoning_layers_per_prompt": self.reasoning_summary(),
             "model": str(self.base.path),
             "fingerprint": self.base.fingerprint,
             "mode": self.mode,

@@ -53,8 +53,9 @@ def score_continuations(
     owner: jax.Array,  # [N] which context each continuation row continues
     conts: jax.Array,  # [N, R] right-padded continuations
     cont_valid: jax.Array,  # [N, R]
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of log p(continuation) [N] float32, every token greedy [N] bool)."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum of log p(continuation) [N] float32, every token greedy [N] bool, reasoning
+    layers the row's context needed [N] int32; -1 for a model without a reasoning block)."""
     prompt_len = ctx_tokens.shape[1]
     rows, width = conts.shape
     kv_valid = jnp.zeros((ctx_tokens.shape[0], prompt_len + width), bool)
@@ -63,6 +64,9 @@ def score_continuations(
 
     def per_row(x):  # [C, ...] -> [N, ...]: each row reads its own context's copy
         return jnp.take(x, owner, axis=0)
+
+    layers = decoder.reasoning_layers(caches)
+    layers = jnp.full((rows,), -1, jnp.int32) if layers is None else per_row(layers)
 
     positions = per_row(ctx_valid.sum(-1).astype(jnp.int32))[:, None] + jnp.arange(width)[None]
     hidden, _ = decoder.extend(
@@ -94,7 +98,7 @@ def score_continuations(
                 greedy & jnp.all(hit | ~mask, -1)), None  # fmt: skip
 
     xs = (split(hidden), split(targets), split(target_valid))
-    return jax.lax.scan(body, (total, greedy), xs)[0]
+    return *jax.lax.scan(body, (total, greedy), xs)[0], layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +155,12 @@ def score_pairs(
     pad_id: int,
     progress: Any = None,
     mesh: Any = None,
+    reasoning_layers: list[int] | None = None,
 ) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) of every (context, continuation) token pair.
+
+    ``reasoning_layers``: a list to append, per pair, the reasoning layers its context
+    needed (YORO; -1 for the full model).
 
     ``batch_size`` counts contexts per forward pass. Context and continuation rows are
     padded to powers of two (repeating real ones), so compiled shapes depend only on
@@ -162,6 +170,7 @@ def score_pairs(
         if not ctx or not cont:
             raise ValueError("every request needs a non-empty context and continuation")
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
+    needed = [-1] * len(pairs)
     for plan in plan_batches(pairs, batch_size):
         n_ctx, n_rows = bucket(len(plan.contexts), 1), bucket(len(plan.requests), 1)
         if mesh is not None:  # rows must split evenly over the devices
@@ -180,10 +189,13 @@ def score_pairs(
             cont_valid[row, : len(cont)] = True
         ctx_arrays = shard_batch((ctx_tokens, ctx_valid), mesh)
         cont_arrays = shard_batch((owner, conts, cont_valid), mesh)
-        total, greedy = score_continuations(decoder, params, *ctx_arrays, *cont_arrays)
-        total, greedy = np.asarray(total), np.asarray(greedy)
+        total, greedy, layers = score_continuations(decoder, params, *ctx_arrays, *cont_arrays)
+        total, greedy, layers = np.asarray(total), np.asarray(greedy), np.asarray(layers)
         for row, i in enumerate(plan.requests):
             results[i] = (float(total[row]), bool(greedy[row]))
+            needed[i] = int(layers[row])
         if progress is not None:
             progress.update(len(plan.requests))
+    if reasoning_layers is not None:
+        reasoning_layers.extend(needed)
     return results  # type: ignore[return-value]
