@@ -12,6 +12,7 @@ Ratios are measured side by side in one process.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,9 @@ def main() -> None:
     rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
     mask = llama.attention_mask(valid, 0, args.prompt_len)
     programs = {
-        skip: jax.jit(lambda g, skip=skip: yoro.reason(frozen, e, rope, mask, g, skip=skip))
+        skip: partial(
+            jax.jit(partial(yoro.reason, skip=skip)), frozen, e, rope, mask
+        )  # arrays as arguments, not constants folded into the program
         for skip in (True, False)
     }
     rng = np.random.RandomState(0)
