@@ -130,9 +130,9 @@ def test_reasoning_block_runs_once_per_generate_call(tiny_base, monkeypatch):
     executions = []
     original = Yoro.reason
 
-    def counted(self, *args):
+    def counted(self, *args, **kwargs):
         jax.debug.callback(lambda: executions.append(1))
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Yoro, "reason", counted)
     jax.clear_caches()  # make sure the counting version is what gets traced
@@ -154,7 +154,7 @@ def test_only_trainable_params_get_gradients(tiny_base):
     )
 
     def loss(trainable, frozen):
-        hidden = model.response_hidden(frozen, trainable, tokens, valid, 6)
+        hidden, _ = model.response_hidden(frozen, trainable, tokens, valid, 6)
         return jnp.sum(model.logits(frozen, hidden) ** 2) * 1e-6
 
     grads = jax.jit(jax.grad(loss))(trainable, frozen)
@@ -171,7 +171,7 @@ def test_response_hidden_selects_the_predicting_positions(tiny_base):
     model, frozen, trainable = make_yoro(tiny_base, SPLITS["lean"])
     tokens, valid, _ = prompt_response_layout([[5, 6, 7], [9] * 6], [[3, 4], [8, 8, 8]], 6, 10, 0)
     full = np.asarray(model.forward(frozen, trainable, tokens, valid, 6))
-    hidden = model.response_hidden(frozen, trainable, tokens, valid, 6)
+    hidden, _ = model.response_hidden(frozen, trainable, tokens, valid, 6)
     np.testing.assert_allclose(np.asarray(model.logits(frozen, hidden)), full[:, 5:], atol=1e-6)
 
 

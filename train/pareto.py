@@ -29,6 +29,7 @@ from train.config import RunConfig, load_config
 from train.trainer import compute_dtype, heldout_metrics, initial_trainable, prepare_run, train
 from yoro_jax.config import ConfigError
 from yoro_jax.generate import special_ids
+from yoro_jax.router import RouterConfig
 from yoro_jax.yoro import Yoro, load_yoro
 
 
@@ -96,8 +97,7 @@ def sweep(
             file=sys.stderr,
         )
 
-    plain_cfg = dataclasses.replace(cfg, yoro=dataclasses.replace(cfg.yoro, router=type(
-        cfg.yoro.router)()), router_train=dataclasses.replace(cfg.router_train))  # fmt: skip
+    plain_cfg = dataclasses.replace(cfg, yoro=dataclasses.replace(cfg.yoro, router=RouterConfig()))
     nets = {k: v for k, v in initial_trainable(plain_cfg, base).items() if k != "router"}
     plain = Yoro(base.config, plain_cfg.yoro, dtype)
     num = plain.ycfg.num_reasoning_layers(base.config)
