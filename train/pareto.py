@@ -1,7 +1,7 @@
 """Pareto sweep: router quality vs reasoning layers run, against static baselines.
 
     python -m train.pareto --config configs/router-smollm2-cpu.yaml \\
-        --variants gumbel reinforce --lambdas 0.5 2 8
+        --variants gumbel reinforce --lambdas 0.05 0.2 0.5
 
 For each variant and compute penalty lambda this trains a router (the run config's
 ``router_train`` settings, normally stage 2 on frozen YORO nets) in ``OUT/<variant>-<lambda>``,

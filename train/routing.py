@@ -50,7 +50,6 @@ def router_objective(
     ema_baseline: jax.Array,  # scalar: moving average of the reward
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Router loss terms and metrics (``baseline`` in the metrics is the updated average)."""
-    num_layers = routing.gates.shape[-1]
     compute = compute_fraction(routing.gates, prompt_valid, rt.depth_scale)  # [B]
     skip_soft = 1.0 - _masked_mean(routing.probs, prompt_valid)
     entropy = _masked_mean(bernoulli_entropy(routing.probs), prompt_valid)
@@ -83,7 +82,5 @@ def router_objective(
         "active_layers": jnp.sum(layer_on),
         "skip_rate": 1.0 - jnp.mean(layer_on),
         "gate_entropy": entropy,
-        "layer_skip_rate": 1.0 - layer_on,
-        "num_layers": jnp.float32(num_layers),
     }
     return loss, metrics

@@ -42,7 +42,7 @@ from yoro_jax.checkpoint import Model, load_model, resolve_dtype, write_model_di
 from yoro_jax.config import ConfigError
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
 from yoro_jax.llama import Params
-from yoro_jax.router import layers_needed
+from yoro_jax.router import layers_needed, layers_on
 from yoro_jax.sharding import make_mesh, shard_batch, shard_params
 from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, load_yoro, save_yoro
 
@@ -318,8 +318,7 @@ def eval_sums(
                              temperature=1.0, ce_weight=1.0, chunk=chunk, gates=gates)  # fmt: skip
     sums = {key: jnp.sum(value) for key, value in rows.items()}
     if routing is not None:
-        on = routing.gates if routing.gates.ndim == 2 else jnp.max(routing.gates, axis=1)
-        sums |= {"layers": layers_needed(routing.gates), "layer_on": on}
+        sums |= {"layers": layers_needed(routing.gates), "layer_on": layers_on(routing.gates)}
     return sums
 
 

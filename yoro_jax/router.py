@@ -235,10 +235,14 @@ def compute_fraction(gates: jax.Array, valid: jax.Array, depth_scale: float = 0.
     return jnp.sum(per_token * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 
+def layers_on(gates: jax.Array) -> jax.Array:
+    """[B, R] the gate of each reasoning layer per sequence (token level: any of its tokens)."""
+    return gates if gates.ndim == 2 else jnp.max(gates, axis=1)
+
+
 def layers_needed(gates: jax.Array) -> jax.Array:
-    """[B] reasoning layers each sequence needs run (token level: any of its tokens)."""
-    per_layer = gates if gates.ndim == 2 else jnp.max(gates, axis=1)
-    return jnp.sum(per_layer > 0, axis=-1).astype(jnp.int32)
+    """[B] reasoning layers each sequence needs run."""
+    return jnp.sum(layers_on(gates) > 0, axis=-1).astype(jnp.int32)
 
 
 def bernoulli_entropy(probs: jax.Array) -> jax.Array:

@@ -235,7 +235,7 @@ class Yoro:
 
         Returns ``(h_reason [B, P, d], h_yoro [B, T-P, d], routing)``: position t < P comes
         from the reasoning path, t >= P from the YORO path (DESIGN §3). ``routing`` is None
-        without a router or fixed ``gates``.
+        when there is neither a router nor fixed ``gates``.
         """
         cfg, total = self.base, tokens.shape[1]
         if not 0 < prompt_len <= total:
