@@ -172,3 +172,20 @@ def reuse_teacher_data(source_run: Path, run_dir: Path) -> None:
 
     for name in ("base", "teacher"):
         shutil.copytree(source_run / name, run_dir / name)
+
+
+def assert_greedy_choices(logits, tokens, margin: float = 1e-4) -> None:
+    """``tokens`` are the greedy choices under ``logits`` [..., V] computed by *another*
+    program (teacher forcing vs cached decoding, eager vs jitted).
+
+    Exact argmax equality across programs is brittle: float32 summation order differs, so
+    a near-tie may flip on another CPU. Where the argmax differs, the chosen token must be
+    within ``margin`` of the maximum logit (a top-2 gap below float tolerance)."""
+    logits, tokens = np.asarray(logits), np.asarray(tokens)
+    chosen = np.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    gap = logits.max(-1) - chosen
+    differ = logits.argmax(-1) != tokens
+    assert np.all(gap[differ] <= margin), (
+        f"{int(differ.sum())} greedy choices are not the argmax; largest top-1 gap "
+        f"{float(gap.max()):.3g} > {margin}"
+    )

@@ -181,7 +181,8 @@ def test_all_gates_on_equals_the_routerless_model(tiny_base):
     assert [c.reasoning_layers for c in a] == [4, 4, 4] == [c.reasoning_layers for c in b]
     tokens, valid, _ = prompt_response_layout(prompts, [c.tokens for c in a], 13, 25, 0)
     forward = jax.jit(lambda m, t: m.forward(frozen, t, tokens, valid, 13), static_argnums=0)
-    np.testing.assert_array_equal(forward(model, trainable), forward(plain, nets))
+    # two programs (one computes 1*Layer(h) + 0*h): equal up to float32 reassociation
+    np.testing.assert_allclose(forward(model, trainable), forward(plain, nets), atol=1e-5)
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "token"])
@@ -221,7 +222,13 @@ def _embedding_output(model, frozen, prompts):
 def test_layer_gated_off_for_the_whole_batch_is_not_executed(tiny_base, monkeypatch):
     """Count executions of every reasoning layer at run time (a host callback inside each
     layer): layers no row needs never run; layers some row needs run once for the batch,
-    and rows that skip them keep their hidden state exactly."""
+    and rows that skip them keep their hidden state exactly.
+
+    "Exactly" is checked where it is exact by construction: inside one compiled program a
+    skipped layer passes h through a ``where``, so a row with every gate off leaves ``e``
+    bitwise unchanged. Rows that run layers are compared with eager calls of the same
+    layers — a differently compiled program, whose float32 results may differ in the last
+    bit on another CPU — so those comparisons carry a tolerance."""
     cfg, frozen = tiny_base
     model = Yoro(cfg, YCFG)
     layers = model.reasoning_layers(frozen)
@@ -236,12 +243,12 @@ def test_layer_gated_off_for_the_whole_batch_is_not_executed(tiny_base, monkeypa
         return real(cfg_, layer_list, x, *args, **kwargs)
 
     monkeypatch.setattr(llama, "run_layers", counting)
-    e = jax.random.normal(jax.random.key(0), (3, 5, cfg.hidden_size))
-    valid = jnp.ones((3, 5), bool)
+    e = jax.random.normal(jax.random.key(0), (4, 5, cfg.hidden_size))
+    valid = jnp.ones((4, 5), bool)
     rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
     mask = llama.attention_mask(valid, 0, 5)
     reason = jax.jit(lambda g: model.reason(frozen, e, rope, mask, g, skip=True))
-    gates = jnp.asarray([[1, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 1]], jnp.float32)
+    gates = jnp.asarray([[1, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]], jnp.float32)
     out = reason(gates)
     jax.effects_barrier()
     assert sorted(executed) == [0, 3]  # layers 1 and 2: gated off for every row
@@ -257,7 +264,8 @@ def test_layer_gated_off_for_the_whole_batch_is_not_executed(tiny_base, monkeypa
 
     np.testing.assert_allclose(out[0], run(run(e, 0), 3)[0], atol=1e-5)
     np.testing.assert_allclose(out[1], run(e, 0)[1], atol=1e-5)
-    np.testing.assert_array_equal(out[2], run(e, 3)[2])  # layer 0 skipped: h kept exactly
+    np.testing.assert_allclose(out[2], run(e, 3)[2], atol=1e-5)  # layer 0 skipped
+    np.testing.assert_array_equal(out[3], e[3])  # every layer skipped: e kept bitwise
 
 
 # ------------------------------------------------------------------ protocol and I/O

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import cached_logits, params_from_hf, tiny_hf_model
+from tests.conftest import assert_greedy_choices, cached_logits, params_from_hf, tiny_hf_model
 from yoro_jax import llama
 from yoro_jax.batch import prompt_response_layout
 from yoro_jax.checkpoint import CheckpointError, Model
@@ -68,7 +68,7 @@ def test_cached_generation_equals_teacher_forcing(tiny_base, split):
     tokens, valid, _ = prompt_response_layout(prompts, responses, 13, 13 + 20, 0)
     tf = np.asarray(jax.jit(model.forward, static_argnums=4)(frozen, trainable, tokens, valid, 13))
     predicting = tf[:, 12:-1]  # positions P-1 .. T-2 predict the 20 response tokens
-    assert (predicting.argmax(-1) == np.asarray(responses)).all()
+    assert_greedy_choices(predicting, responses)
 
     cached = cached_logits(YoroDecoder(model), (frozen, trainable), prompts,
                            np.asarray(responses, np.int32), width=16)  # fmt: skip
