@@ -249,12 +249,12 @@ def test_layer_gated_off_for_the_whole_batch_is_not_executed(tiny_base, monkeypa
     mask = llama.attention_mask(valid, 0, 5)
     reason = jax.jit(lambda g: model.reason(frozen, e, rope, mask, g, skip=True))
     gates = jnp.asarray([[1, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]], jnp.float32)
-    out = reason(gates)
+    out, _ = reason(gates)
     jax.effects_barrier()
     assert sorted(executed) == [0, 3]  # layers 1 and 2: gated off for every row
 
     executed.clear()
-    reason(jnp.zeros_like(gates)).block_until_ready()
+    reason(jnp.zeros_like(gates))[0].block_until_ready()
     jax.effects_barrier()
     assert executed == []  # the same compiled program, nothing run
     monkeypatch.setattr(llama, "run_layers", real)

@@ -28,6 +28,16 @@ SPLITS = {
     "lean": YoroConfig(1, 1, 1, 1, 2),
     "no-embedding-block": YoroConfig(0, 2, 0, 0, 0),
 }
+# The variants of docs/DESIGN.md §3.4 on the 6-layer tiny base (nets perturbed in tests so
+# that zero-initialised paths are non-trivial).
+VARIANTS = {
+    "exact (preset)": YoroConfig.preset("exact", embedding_layers=1, compensation_layers=2),
+    "exact, reference nets": YoroConfig(2, 2, 2, 2, 1, prompt_context="exact"),
+    "exact, no compensation": YoroConfig(1, 2, 0, 1, 2, prompt_context="exact", nets="residual"),
+    "residual, identity init": YoroConfig(2, 1, 1, 2, 2, nets="residual",
+                                          compensation_init="identity"),
+    "reasoning init only": YoroConfig(1, 1, 2, 2, 1, compensation_init="reasoning"),
+}  # fmt: skip
 
 
 def randomise_biases(trainable, key):
@@ -49,13 +59,22 @@ def tiny_base():
 def make_yoro(tiny_base, ycfg, seed=0):
     cfg, frozen = tiny_base
     model = Yoro(cfg, ycfg)
-    trainable = randomise_biases(init_trainable(ycfg, cfg, jax.random.key(seed)), jax.random.key(1))
-    return model, frozen, trainable
+    trainable = init_trainable(ycfg, cfg, jax.random.key(seed), frozen)
+    return model, frozen, randomise_biases(trainable, jax.random.key(1))
 
 
-@pytest.mark.parametrize("split", sorted(SPLITS))
-def test_cached_generation_equals_teacher_forcing(tiny_base, split):
-    model, frozen, trainable = make_yoro(tiny_base, SPLITS[split])
+def perturb(trainable, key, scale=0.05):
+    """Noise on every trainable leaf: zero-initialised layers become non-trivial."""
+    leaves, tree = jax.tree.flatten(trainable)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        tree, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    )
+
+
+def check_core_invariant(model, frozen, trainable):
+    """Greedy generation, then teacher forcing on its output at another prompt boundary
+    (13 vs the generator's 16): same greedy tokens, logits equal to 1e-4."""
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(3, 256, n)) for n in (7, 13, 3)]
     completions = generate_tokens(
@@ -64,7 +83,6 @@ def test_cached_generation_equals_teacher_forcing(tiny_base, split):
     responses = [c.tokens for c in completions]
     assert all(len(r) == 20 for r in responses)
 
-    # teacher forcing with a different boundary (13) than generation used (16)
     tokens, valid, _ = prompt_response_layout(prompts, responses, 13, 13 + 20, 0)
     tf = np.asarray(jax.jit(model.forward, static_argnums=4)(frozen, trainable, tokens, valid, 13))
     predicting = tf[:, 12:-1]  # positions P-1 .. T-2 predict the 20 response tokens
@@ -73,6 +91,45 @@ def test_cached_generation_equals_teacher_forcing(tiny_base, split):
     cached = cached_logits(YoroDecoder(model), (frozen, trainable), prompts,
                            np.asarray(responses, np.int32), width=16)  # fmt: skip
     np.testing.assert_allclose(cached, predicting, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", sorted(SPLITS))
+def test_cached_generation_equals_teacher_forcing(tiny_base, split):
+    check_core_invariant(*make_yoro(tiny_base, SPLITS[split]))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_cached_generation_equals_teacher_forcing(tiny_base, variant):
+    model, frozen, trainable = make_yoro(tiny_base, VARIANTS[variant])
+    check_core_invariant(model, frozen, perturb(trainable, jax.random.key(5)))
+
+
+def test_exact_residual_nets_at_step_0_skip_the_middle_layers_exactly(tiny_base):
+    """Preset "exact" before training == the base model with reasoning layers 1 and 2
+    skipped on response tokens (E1, Lc1 = a copy of layer 3, C2), every layer that runs
+    attending over the full model's own prompt KV at its depth: the training-free floor."""
+    cfg, frozen = tiny_base
+    ycfg = YoroConfig.preset("exact", embedding_layers=1, compensation_layers=1)
+    model = Yoro(cfg, ycfg)
+    trainable = init_trainable(ycfg, cfg, jax.random.key(0), frozen)  # as initialised
+    prompts, responses = [[5, 6, 7, 8, 9], [10] * 8], [[3, 4, 5, 6], [7, 8, 9]]
+    tokens, valid, _ = prompt_response_layout(prompts, responses, 8, 12, 0)
+    tf = np.asarray(model.forward(frozen, trainable, tokens, valid, 8))
+
+    from yoro_jax.generate import LlamaDecoder
+
+    _, caches = LlamaDecoder(cfg).prefill(frozen, tokens[:, :8], valid[:, :8], valid)
+    rope = llama.rope_tables(cfg, llama.positions_from_valid(valid)[:, 8:])
+    mask = llama.attention_mask(valid, 8, 4)
+    kept = [0, 3, 4, 5]
+    h, _ = llama.run_layers(cfg, [frozen["layers"][i] for i in kept],
+                            llama.embed_tokens(frozen, tokens[:, 8:]), rope, mask,
+                            [caches[i] for i in kept], 8)  # fmt: skip
+    skipped = np.asarray(llama.head(cfg, frozen, h))
+    np.testing.assert_allclose(tf[:, 8:], skipped, atol=1e-5)
+    full = np.asarray(llama.forward(cfg, frozen, tokens, valid))
+    np.testing.assert_allclose(tf[:, :8][valid[:, :8]], full[:, :8][valid[:, :8]], atol=1e-5)
+    assert np.abs(tf[:, 8:] - full[:, 8:]).max() > 1e-2  # skipping really changes the answer
 
 
 def naive_yoro_generate(model: Yoro, frozen, trainable, prompt, n, width=48):
@@ -181,6 +238,9 @@ def test_response_hidden_selects_the_predicting_positions(tiny_base):
         (YoroConfig(3, 3), "leaves no reasoning layer"),
         (YoroConfig(embedding_layers=-1), "embedding_layers must be an integer >= 0"),
         (YoroConfig(adaptation_layers=1.5), "adaptation_layers must be an integer"),
+        (YoroConfig(prompt_context="full"), "prompt_context: 'full' is not one of yoro, exact"),
+        (YoroConfig(nets="deep"), "nets: 'deep' is not one of reference, residual"),
+        (YoroConfig(2, 2, 3, prompt_context="exact"), "compensation_layers \\(3\\) stand for"),
     ],
 )
 def test_invalid_splits_are_config_errors(tiny_base, ycfg, match):
@@ -200,8 +260,8 @@ def test_param_summary(tiny_base):
     assert summary["trainable"] == sum(x.size for x in jax.tree.leaves(trainable))
 
 
-def test_save_load_round_trip_and_base_mismatch(tiny_base, tmp_path):
-    ycfg = SPLITS["lean"]
+@pytest.mark.parametrize("ycfg", [SPLITS["lean"], VARIANTS["exact (preset)"]])
+def test_save_load_round_trip_and_base_mismatch(tiny_base, tmp_path, ycfg):
     model, frozen, trainable = make_yoro(tiny_base, ycfg)
     base = Model(tiny_base[0], frozen, None, tmp_path / "base", "a" * 64)
     save_yoro(tmp_path / "nets", ycfg, trainable, base.path, base.fingerprint)

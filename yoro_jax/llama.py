@@ -242,6 +242,15 @@ def run_layers(
     return x, (None if caches is None else new_caches)
 
 
+def layer_kv(cfg: LlamaConfig, layer: Params, x: jax.Array, rope: Rope) -> LayerCache:
+    """The K/V (at KV-head size, rotated) that a decoder layer computes from its input
+    states x [B, T, d] — what it would write to its cache for those tokens."""
+    h = RMSNorm(cfg.rms_norm_eps).apply({"params": layer["attn_norm"]}, x)
+    k = jnp.einsum("btd,dhk->bthk", h, layer["attn"]["wk"].astype(x.dtype))
+    v = jnp.einsum("btd,dhk->bthk", h, layer["attn"]["wv"].astype(x.dtype))
+    return {"k": apply_rope(k, rope), "v": v}
+
+
 def embed_tokens(params: Params, tokens: jax.Array, dtype: Any | None = None) -> jax.Array:
     table = params["embed"]
     return jnp.take(table, tokens, axis=0).astype(dtype or table.dtype)

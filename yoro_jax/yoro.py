@@ -5,23 +5,46 @@ Given a base Llama with N layers and a :class:`YoroConfig` (E, C, Lc, La, Lk)::
     embedding block   token embedding + base layers [0, E)          frozen
     reasoning block   base layers [E, N-C)  -- run once, prompt only frozen
     coherence block   base layers [N-C, N) + final norm + LM head    frozen
-    compensation      Lc new decoder layers                          trainable
-    adaptation        La x (Linear(d, d) -> ReLU)                    trainable
-    concatenation     Lk x (Linear(d, d) -> ReLU)                    trainable
+    compensation      Lc decoder layers                              trainable
+    adaptation        La-layer MLP                                   trainable
+    concatenation     Lk-layer MLP                                   trainable
     router            optional: gates the reasoning layers           trainable
 
 ``frozen`` is the base model's params pytree itself (blocks are slices of its layer list,
 so the teacher shares it); ``trainable`` is a separate pytree
 ``{"compensation": [...], "adaptation": {...}, "concatenation": {...}[, "router": {...}]}``.
 
-Teacher forcing (DESIGN §3) on the batch layout: prompts right-aligned to a common
-boundary P (left padding), responses left-aligned after it (right padding)::
+Teacher forcing (docs/DESIGN.md §3) on the batch layout: prompts right-aligned to a
+common boundary P (left padding), responses left-aligned after it (right padding)::
 
     e = Emb(x)                       all T positions, causal
     r = Reason(e[:, :P])             prompt only: the one reasoning pass (router-gated)
     logits[t] = Head(Coh(r))[t]      t < P   (t = P-1 predicts the first response token)
-    z = Concat(Adapt(r~) + Comp(e))  r~ = r on the prompt, 0 after it
-    logits[t] = Head(Coh(z))[t]      t >= P
+    logits[t] = Head(Coh(z))[t]      t >= P, z from the YORO path below
+
+Three orthogonal choices shape the YORO path (``reference`` is the original system):
+
+- ``nets``: ``reference`` is ``z = Concat(Adapt(r~) + Comp(e))`` with ReLU MLPs
+  (r~ = r on the prompt, 0 after it); ``residual`` is ``z = K(Comp(A(x)))`` with
+  ``A(x) = x + W_out silu(W_in rms(x))``, ``W_out = 0`` at init (likewise K), and x = r on
+  the prompt, e after it — at step 0 the nets are the identity.
+- ``prompt_context``: ``yoro`` — the compensation and coherence layers attend over the YORO
+  path's own states at prompt positions (the reference); ``exact`` — at prompt positions
+  each of them attends over K/V computed from the *full model's* hidden state at the depth
+  it stands for (compensation layer j for base layer N-C-Lc+j, coherence layer i for base
+  layer N-C+i), all of which the one reasoning pass computes. Only generated positions
+  take the YORO path.
+- ``compensation_init``: ``random`` (HF init), ``identity`` (HF init with zeroed output
+  projections: each layer starts as the identity) or ``reasoning`` (copies of the base's
+  last Lc reasoning layers, N-C-Lc .. N-C-1).
+
+With ``nets: residual``, ``prompt_context: exact`` and ``compensation_init: reasoning``
+the model at step 0 is exactly "skip the middle reasoning layers, with the full model's
+prompt KV at every layer that runs" (the training-free floor).
+
+The YORO path is written once (:meth:`Yoro.yoro_path`) and serves teacher forcing, prefill
+and decoding; in ``exact`` mode teacher forcing *is* a multi-token decode step over the
+response on caches prefilled from the reasoning pass.
 """
 
 from __future__ import annotations
@@ -29,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -43,31 +66,58 @@ from yoro_jax.router import Router, RouterConfig, RouterOutput
 
 YORO_CONFIG_FILE = "yoro_config.json"
 TRAINABLE_DIR = "trainable"
+_CHOICES = {
+    "prompt_context": ("yoro", "exact"),
+    "nets": ("reference", "residual"),
+    "compensation_init": ("random", "identity", "reasoning"),
+}
+# Named variants of the same model (the split sizes are set separately).
+PRESETS: dict[str, dict[str, str]] = {
+    "reference": {"prompt_context": "yoro", "nets": "reference", "compensation_init": "random"},
+    "exact": {"prompt_context": "exact", "nets": "residual", "compensation_init": "reasoning"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class YoroConfig:
-    """How the base model is split, and the sizes of the trainable nets."""
+    """How the base model is split, the sizes of the trainable nets, and the variant."""
 
     embedding_layers: int = 2
     coherence_layers: int = 2
     compensation_layers: int = 2
     adaptation_layers: int = 2
     concatenation_layers: int = 1
+    prompt_context: str = "yoro"  # yoro (reference) | exact
+    nets: str = "reference"  # reference (ReLU MLPs) | residual (zero-initialised)
+    compensation_init: str = "random"  # random | identity | reasoning
     router: RouterConfig = RouterConfig()  # kind "none": every reasoning layer runs
 
     @classmethod
+    def preset(cls, name: str, **fields: Any) -> YoroConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"yoro preset {name!r} is not one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **fields})
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> YoroConfig:
-        """From the saved JSON (nets saved before routers existed have no "router")."""
-        return cls(**{**raw, "router": RouterConfig(**raw.get("router", {}))})
+        """From the saved JSON (nets saved before routers or variants existed lack those keys:
+        they are reference nets without a router)."""
+        return cls(**{**PRESETS["reference"], **raw,
+                      "router": RouterConfig(**raw.get("router", {}))})  # fmt: skip
 
     def validate_fields(self) -> YoroConfig:
         self.router.validate()
         for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
             if field.name == "router":
                 continue
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if field.name in _CHOICES:
+                if value not in _CHOICES[field.name]:
+                    raise ConfigError(
+                        f"yoro.{field.name}: {value!r} is not one of "
+                        f"{', '.join(_CHOICES[field.name])}"
+                    )
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"yoro.{field.name} must be an integer >= 0, got {value!r}")
         return self
 
@@ -81,6 +131,13 @@ class YoroConfig:
                 f" + coherence_layers ({self.coherence_layers}) must be < the base model's "
                 f"{n} layers"
             )
+        needs_depth = self.prompt_context == "exact" or self.compensation_init == "reasoning"
+        if needs_depth and self.compensation_layers > self.num_reasoning_layers(base):
+            raise ConfigError(
+                f"yoro.compensation_layers ({self.compensation_layers}) stand for the last "
+                f"reasoning layers (prompt_context exact / compensation_init reasoning), but "
+                f"the split has only {self.num_reasoning_layers(base)}"
+            )
         return self
 
     def reasoning_range(self, base: LlamaConfig) -> tuple[int, int]:
@@ -89,6 +146,15 @@ class YoroConfig:
     def num_reasoning_layers(self, base: LlamaConfig) -> int:
         start, stop = self.reasoning_range(base)
         return stop - start
+
+    def compensation_depths(self, base: LlamaConfig) -> range:
+        """The base layers the compensation layers stand for: the last Lc reasoning layers."""
+        stop = base.num_hidden_layers - self.coherence_layers
+        return range(stop - self.compensation_layers, stop)
+
+    @property
+    def exact(self) -> bool:
+        return self.prompt_context == "exact"
 
 
 class ReluMLP(nn.Module):
@@ -111,18 +177,72 @@ class ReluMLP(nn.Module):
         return x
 
 
-def _mlp(trainable: Params, name: str, num_layers: int, x: jax.Array) -> jax.Array:
-    return ReluMLP(num_layers).apply({"params": trainable[name]}, x)
+class ResidualMLP(nn.Module):
+    """``x + W_out silu(... W_in rms(x))``: ``num_layers`` linear layers, the last one
+    zero-initialised, so the net is the identity at step 0 and its output is signed and
+    on the residual stream's scale (the input is RMS-normalised: SmolLM2's stream has a
+    few channels hundreds of times larger than the rest)."""
+
+    num_layers: int
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.num_layers == 0:
+            return x
+        h = llama.RMSNorm(self.eps, name="norm")(x)
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            h = nn.Dense(
+                x.shape[-1],
+                kernel_init=nn.initializers.zeros if last else nn.initializers.xavier_normal(),
+                bias_init=nn.initializers.zeros,
+                param_dtype=jnp.float32,
+                dtype=x.dtype,
+                name=f"linear_{i}",
+            )(h)
+            h = h if last else jax.nn.silu(h)
+        return x + h
 
 
-def init_trainable(ycfg: YoroConfig, base: LlamaConfig, key: jax.Array) -> Params:
-    """Fresh trainable nets (float32 master weights), the router's if there is one."""
+def _mlp_module(ycfg: YoroConfig, num_layers: int) -> nn.Module:
+    return ResidualMLP(num_layers) if ycfg.nets == "residual" else ReluMLP(num_layers)
+
+
+def init_compensation(
+    ycfg: YoroConfig, base: LlamaConfig, key: jax.Array, frozen: Params | None
+) -> list[Params]:
+    """Fresh compensation layers (float32), as ``ycfg.compensation_init`` says."""
+    if ycfg.compensation_init == "reasoning":
+        if frozen is None:
+            raise ValueError("compensation_init 'reasoning' copies base layers: pass frozen")
+        depths = ycfg.compensation_depths(base)
+        # real copies (jnp.array copies): the train step donates the trainable buffers
+        return [jax.tree.map(lambda a: jnp.array(a, jnp.float32), frozen["layers"][d])
+                for d in depths]  # fmt: skip
+    layers = llama.init_layers(base, key, ycfg.compensation_layers)
+    if ycfg.compensation_init == "identity":
+        for layer in layers:
+            layer["attn"]["wo"] = jnp.zeros_like(layer["attn"]["wo"])
+            layer["mlp"]["w_down"] = jnp.zeros_like(layer["mlp"]["w_down"])
+    return layers
+
+
+def init_trainable(
+    ycfg: YoroConfig, base: LlamaConfig, key: jax.Array, frozen: Params | None = None
+) -> Params:
+    """Fresh trainable nets (float32 master weights), the router's if there is one.
+    ``frozen`` (the base params) is needed for ``compensation_init: reasoning``."""
     k_comp, k_adapt, k_concat = jax.random.split(key, 3)
     dummy = jnp.zeros((1, base.hidden_size), jnp.float32)
+
+    def mlp(k, num_layers):
+        return _mlp_module(ycfg, num_layers).init(k, dummy).get("params", {})
+
     nets = {
-        "compensation": llama.init_layers(base, k_comp, ycfg.compensation_layers),
-        "adaptation": ReluMLP(ycfg.adaptation_layers).init(k_adapt, dummy).get("params", {}),
-        "concatenation": ReluMLP(ycfg.concatenation_layers).init(k_concat, dummy).get("params", {}),
+        "compensation": init_compensation(ycfg, base, k_comp, frozen),
+        "adaptation": mlp(k_adapt, ycfg.adaptation_layers),
+        "concatenation": mlp(k_concat, ycfg.concatenation_layers),
     }
     router = router_lib.make_router(ycfg.router)
     if router is not None:
@@ -130,6 +250,21 @@ def init_trainable(ycfg: YoroConfig, base: LlamaConfig, key: jax.Array) -> Param
             jax.random.fold_in(key, 3), base.hidden_size, ycfg.num_reasoning_layers(base)
         )
     return nets
+
+
+class TeacherForcing(NamedTuple):
+    """What one teacher-forcing pass gives (hidden states before the final norm)."""
+
+    h_reason: jax.Array  # [B, P, d] reasoning path at prompt positions
+    h_yoro: jax.Array  # [B, T-P, d] YORO path at positions P..T-1
+    z_yoro: jax.Array  # [B, T-P, d] the coherence block's input there
+    routing: RouterOutput | None
+
+
+def _pad_cache(kv: llama.LayerCache, length: int) -> llama.LayerCache:
+    """K/V of the first slots [B, P, ...] -> a cache of ``length`` slots."""
+    pad = [(0, 0), (0, length - kv["k"].shape[1]), (0, 0), (0, 0)]
+    return {name: jnp.pad(a, pad) for name, a in kv.items()}
 
 
 # -------------------------------------------------------------------------- the blocks
@@ -160,11 +295,19 @@ class Yoro:
     def coherence_layers(self, frozen: Params) -> list[Params]:
         return frozen["layers"][self.base.num_hidden_layers - self.ycfg.coherence_layers :]
 
-    def adapt(self, trainable: Params, r: jax.Array) -> jax.Array:
-        return _mlp(trainable, "adaptation", self.ycfg.adaptation_layers, r)
+    def adapt(self, trainable: Params, x: jax.Array) -> jax.Array:
+        module = _mlp_module(self.ycfg, self.ycfg.adaptation_layers)
+        return module.apply({"params": trainable["adaptation"]}, x)
 
     def concat(self, trainable: Params, x: jax.Array) -> jax.Array:
-        return _mlp(trainable, "concatenation", self.ycfg.concatenation_layers, x)
+        module = _mlp_module(self.ycfg, self.ycfg.concatenation_layers)
+        return module.apply({"params": trainable["concatenation"]}, x)
+
+    @property
+    def num_prompt_states(self) -> int:
+        """How many prompt states the exact context keeps: one per compensation and
+        coherence layer (0 for the reference context)."""
+        return self.ycfg.compensation_layers + self.ycfg.coherence_layers if self.ycfg.exact else 0
 
     def reason(
         self,
@@ -174,24 +317,29 @@ class Yoro:
         mask: jax.Array,
         gates: jax.Array | None = None,  # [B, R] or [B, P, R]; None: every layer
         skip: bool = False,
-    ) -> jax.Array:
+        collect: tuple[int, ...] = (),
+    ) -> tuple[jax.Array, list[jax.Array]]:
         """The reasoning block: the expensive middle layers, run once on the prompt.
 
-        With gates, layer l gives ``g*Layer(h) + (1-g)*h`` (straight-through gradients reach
-        g). ``skip`` (inference, 0/1 gates): a layer no row of the batch needs is not run at
-        all (``lax.cond``), and rows that do not need a run layer keep h exactly.
+        Returns the output and the input states of the reasoning layers in ``collect``
+        (indices within the block). With gates, layer l gives ``g*Layer(h) + (1-g)*h``
+        (straight-through gradients reach g). ``skip`` (inference, 0/1 gates): a layer no
+        row of the batch needs is not run at all (``lax.cond``), and rows that do not need
+        a run layer keep h exactly.
         """
-        layers = self.reasoning_layers(frozen)
-        if gates is None:
-            return llama.run_layers(self.base, layers, e, rope, mask)[0]
-        h = e
-        for index, layer in enumerate(layers):
-            g = gates[..., index]  # [B] or [B, P]
-            g = (g[:, None, None] if g.ndim == 1 else g[..., None]).astype(h.dtype)
+        h, states = e, []
+        for index, layer in enumerate(self.reasoning_layers(frozen)):
+            if index in collect:
+                states.append(h)
 
             def run(h, layer=layer):
                 return llama.run_layers(self.base, [layer], h, rope, mask)[0]
 
+            if gates is None:
+                h = run(h)
+                continue
+            g = gates[..., index]  # [B] or [B, P]
+            g = (g[:, None, None] if g.ndim == 1 else g[..., None]).astype(h.dtype)
             if skip:
                 h = jax.lax.cond(
                     jnp.any(g > 0), lambda h, g=g, run=run: jnp.where(g > 0, run(h), h),
@@ -199,7 +347,7 @@ class Yoro:
                 )  # fmt: skip
             else:
                 h = g * run(h) + (1 - g) * h
-        return h
+        return h, states
 
     def route(
         self,
@@ -218,7 +366,127 @@ class Yoro:
             return RouterOutput(gates, gates)
         return router.sample(trainable["router"], e, valid, key=key, temperature=router_temperature)
 
+    def prompt_pass(
+        self, frozen: Params, e: jax.Array, rope: llama.Rope, mask: jax.Array,
+        gates: jax.Array | None = None, skip: bool = False,
+    ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:  # fmt: skip
+        """Reasoning + coherence over the prompt: ``(r, h_reason, prompt_states)``.
+
+        ``prompt_states`` (exact context only): the full model's hidden states at the
+        inputs of the base layers the compensation and coherence layers stand for.
+        """
+        r_count = self.ycfg.num_reasoning_layers(self.base)
+        collect = tuple(range(r_count - self.ycfg.compensation_layers, r_count))
+        r, states = self.reason(
+            frozen, e, rope, mask, gates, skip, collect if self.ycfg.exact else ()
+        )
+        h = r
+        for layer in self.coherence_layers(frozen):
+            if self.ycfg.exact:
+                states.append(h)
+            h = llama.run_layers(self.base, [layer], h, rope, mask)[0]
+        return r, h, states
+
+    def exact_caches(
+        self, frozen: Params, trainable: Params, prompt_states: list[jax.Array],
+        rope: llama.Rope, length: int,
+    ) -> dict[str, list[llama.LayerCache]]:  # fmt: skip
+        """Caches of ``length`` slots whose first P hold the prompt K/V of the exact context:
+        each compensation / coherence layer's K/V of the full model's state at its depth."""
+        layers = [*self.cast(trainable)["compensation"], *self.coherence_layers(frozen)]
+        kvs = [llama.layer_kv(self.base, layer, state.astype(self.dtype), rope)
+               for layer, state in zip(layers, prompt_states, strict=True)]  # fmt: skip
+        caches = [_pad_cache(kv, length) for kv in kvs]
+        lc = self.ycfg.compensation_layers
+        return {"compensation": caches[:lc], "coherence": caches[lc:]}
+
+    def yoro_path(
+        self,
+        frozen: Params,
+        trainable: Params,
+        e: jax.Array,  # [B, T, d] embedding-block output at the positions computed
+        r: jax.Array | None,  # [B, n, d] reasoning output for the first n of them (prompt)
+        rope: llama.Rope,
+        mask: jax.Array,
+        caches: dict[str, list[llama.LayerCache]] | None = None,
+        slot: jax.Array | int = 0,
+    ) -> tuple[jax.Array, jax.Array, dict[str, list[llama.LayerCache]] | None]:
+        """The one YORO composition: nets + compensation + coherence -> ``(h, z, caches)``.
+
+        Teacher forcing (no caches, or exact-context caches), prefill (the prompt, with
+        r) and decode steps (new tokens, r None) all call this.
+        """
+        cfg, n = self.base, 0 if r is None else r.shape[1]
+        comp_layers = self.cast(trainable)["compensation"]
+        comp_caches = None if caches is None else caches["compensation"]
+        coh_caches = None if caches is None else caches["coherence"]
+
+        def comp(x):
+            return llama.run_layers(cfg, comp_layers, x, rope, mask, comp_caches, slot,
+                                    remat=self.remat)  # fmt: skip
+
+        if self.ycfg.nets == "reference":
+            r_tilde = (
+                jnp.zeros_like(e)
+                if r is None
+                else jnp.pad(r, ((0, 0), (0, e.shape[1] - n), (0, 0)))
+            )
+            c, comp_caches = comp(e)
+            z = self.concat(trainable, self.adapt(trainable, r_tilde) + c)
+        else:
+            x = e if r is None else jnp.concatenate([r, e[:, n:]], axis=1)
+            c, comp_caches = comp(self.adapt(trainable, x))
+            z = self.concat(trainable, c)
+        h, coh_caches = llama.run_layers(cfg, self.coherence_layers(frozen), z, rope, mask,
+                                         coh_caches, slot, remat=self.remat)  # fmt: skip
+        new = None if caches is None else {"compensation": comp_caches, "coherence": coh_caches}
+        return h, z, new
+
     # ------------------------------------------------------------------ teacher forcing
+    def frozen_features(
+        self,
+        frozen: Params,
+        tokens: jax.Array,  # [B, T]
+        valid: jax.Array,  # [B, T]
+        prompt_len: int,
+        gates: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
+        """What the frozen blocks compute for a training example, which the trainable path
+        reads: ``e_response`` [B, T-P, d] (embedding block after the prompt),
+        ``prompt_states`` [B, Lc+C, P, d] (exact context) and ``h_reason`` [B, P, d]."""
+        cfg = self.base
+        rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
+        mask = llama.attention_mask(valid, 0, tokens.shape[1])
+        x = llama.embed_tokens(frozen, tokens, self.dtype)
+        e, _ = llama.run_layers(cfg, self.embedding_layers(frozen), x, rope, mask)
+        prompt_rope = tuple(t[:, :prompt_len] for t in rope)
+        _, h_reason, states = self.prompt_pass(
+            frozen, e[:, :prompt_len], prompt_rope, mask[:, :prompt_len, :prompt_len], gates
+        )
+        return {"e_response": e[:, prompt_len:], "prompt_states": jnp.stack(states, axis=1),
+                "h_reason": h_reason}  # fmt: skip
+
+    def yoro_from_features(
+        self,
+        frozen: Params,
+        trainable: Params,
+        e_response: jax.Array,  # [B, R, d]
+        prompt_states: jax.Array,  # [B, Lc+C, P, d]
+        valid: jax.Array,  # [B, P+R]
+    ) -> tuple[jax.Array, jax.Array]:
+        """Exact context: the YORO path over the response positions as one multi-token
+        decode step on caches prefilled from the prompt states -> ``(h, z)`` [B, R, d]."""
+        cfg, prompt_len, total = self.base, prompt_states.shape[2], valid.shape[1]
+        rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
+        prompt_rope = tuple(t[:, :prompt_len] for t in rope)
+        states = [prompt_states[:, i] for i in range(prompt_states.shape[1])]
+        caches = self.exact_caches(frozen, trainable, states, prompt_rope, total)
+        mask = llama.attention_mask(valid, prompt_len, total - prompt_len)
+        response_rope = tuple(t[:, prompt_len:] for t in rope)
+        h, z, _ = self.yoro_path(frozen, trainable, e_response.astype(self.dtype), None,
+                                 response_rope, mask, caches, prompt_len)  # fmt: skip
+        return h, z
+
     def hidden_states(
         self,
         frozen: Params,
@@ -230,12 +498,11 @@ class Yoro:
         gates: jax.Array | None = None,  # fixed gates [B, R] (static baselines) or None
         key: jax.Array | None = None,  # sample the router's gates (training)
         router_temperature: jax.Array | float = 1.0,  # Gumbel temperature
-    ) -> tuple[jax.Array, jax.Array, RouterOutput | None]:
-        """Coherence-block outputs before the final norm, and the routing used.
+    ) -> TeacherForcing:
+        """Coherence-block outputs before the final norm, the coherence input on the YORO
+        path, and the routing used (None when there is neither a router nor fixed gates).
 
-        Returns ``(h_reason [B, P, d], h_yoro [B, T-P, d], routing)``: position t < P comes
-        from the reasoning path, t >= P from the YORO path (DESIGN §3). ``routing`` is None
-        when there is neither a router nor fixed ``gates``.
+        Position t < P comes from the reasoning path, t >= P from the YORO path.
         """
         cfg, total = self.base, tokens.shape[1]
         if not 0 < prompt_len <= total:
@@ -252,30 +519,17 @@ class Yoro:
         else:
             routing = self.route(trainable, e[:, :prompt_len], valid[:, :prompt_len], key,
                                  router_temperature)  # fmt: skip
-        r = self.reason(frozen, e[:, :prompt_len], prompt_rope, prompt_mask,
-                        None if routing is None else routing.gates)  # fmt: skip
-        h_reason, _ = llama.run_layers(
-            cfg, self.coherence_layers(frozen), r, prompt_rope, prompt_mask
-        )
-
-        comp, _ = llama.run_layers(
-            cfg, self.cast(trainable)["compensation"], e, rope, mask, remat=self.remat
-        )
-        adapted = jnp.concatenate(
-            [
-                self.adapt(trainable, r),
-                jnp.broadcast_to(
-                    self.adapt(trainable, jnp.zeros_like(r[:, :1])),
-                    (r.shape[0], total - prompt_len, r.shape[2]),
-                ),
-            ],
-            axis=1,
-        )
-        z = self.concat(trainable, adapted + comp)
-        h_yoro, _ = llama.run_layers(
-            cfg, self.coherence_layers(frozen), z, rope, mask, remat=self.remat
-        )
-        return h_reason, h_yoro[:, prompt_len:], routing
+        r, h_reason, states = self.prompt_pass(
+            frozen, e[:, :prompt_len], prompt_rope, prompt_mask,
+            None if routing is None else routing.gates,
+        )  # fmt: skip
+        if self.ycfg.exact:
+            h, z = self.yoro_from_features(
+                frozen, trainable, e[:, prompt_len:], jnp.stack(states, axis=1), valid
+            )
+            return TeacherForcing(h_reason, h, z, routing)
+        h, z, _ = self.yoro_path(frozen, trainable, e, r, rope, mask)
+        return TeacherForcing(h_reason, h[:, prompt_len:], z[:, prompt_len:], routing)
 
     def response_hidden(
         self, frozen, trainable, tokens, valid, prompt_len, **routing_args
@@ -286,10 +540,8 @@ class Yoro:
         index j >= 1 is position P-1+j (YORO path). Apply :meth:`logits` to get logits.
         ``routing_args``: see :meth:`hidden_states`.
         """
-        h_reason, h_yoro, routing = self.hidden_states(
-            frozen, trainable, tokens, valid, prompt_len, **routing_args
-        )
-        return jnp.concatenate([h_reason[:, -1:], h_yoro], axis=1), routing
+        out = self.hidden_states(frozen, trainable, tokens, valid, prompt_len, **routing_args)
+        return jnp.concatenate([out.h_reason[:, -1:], out.h_yoro], axis=1), out.routing
 
     def logits(self, frozen: Params, hidden: jax.Array) -> jax.Array:
         """Final norm + LM head (float32 logits)."""
@@ -297,10 +549,8 @@ class Yoro:
 
     def forward(self, frozen, trainable, tokens, valid, prompt_len, **routing_args) -> jax.Array:
         """Logits [B, T, V] at every position (tests and analysis; training avoids this)."""
-        h_reason, h_yoro, _ = self.hidden_states(
-            frozen, trainable, tokens, valid, prompt_len, **routing_args
-        )
-        return self.logits(frozen, jnp.concatenate([h_reason, h_yoro], axis=1))
+        out = self.hidden_states(frozen, trainable, tokens, valid, prompt_len, **routing_args)
+        return self.logits(frozen, jnp.concatenate([out.h_reason, out.h_yoro], axis=1))
 
     def cast(self, trainable: Params) -> Params:
         """Trainable decoder layers at compute dtype (master weights stay float32)."""
@@ -334,40 +584,34 @@ class YoroDecoder:
         frozen, trainable = params
         m, cfg = self.model, self.model.base
         (batch, prompt_len), length = tokens.shape, kv_valid.shape[1]
-        caches = {
-            "embedding": llama.init_cache(cfg, m.ycfg.embedding_layers, batch, length, m.dtype),
-            "compensation": llama.init_cache(
-                cfg, m.ycfg.compensation_layers, batch, length, m.dtype
-            ),
-            "coherence": llama.init_cache(cfg, m.ycfg.coherence_layers, batch, length, m.dtype),
-        }
         rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
         cached_mask = llama.attention_mask(kv_valid, 0, prompt_len)
         prompt_mask = llama.attention_mask(valid, 0, prompt_len)
 
         x = llama.embed_tokens(frozen, tokens, m.dtype)
-        e, caches["embedding"] = llama.run_layers(
-            cfg, m.embedding_layers(frozen), x, rope, cached_mask, caches["embedding"], 0
+        embedding_cache = llama.init_cache(cfg, m.ycfg.embedding_layers, batch, length, m.dtype)
+        e, embedding_cache = llama.run_layers(
+            cfg, m.embedding_layers(frozen), x, rope, cached_mask, embedding_cache, 0
         )
         gates = self.gates(trainable, e, valid)
-        r = m.reason(frozen, e, rope, prompt_mask, gates, skip=True)
+        r, h_reason, states = m.prompt_pass(frozen, e, rope, prompt_mask, gates, skip=True)
+        if m.ycfg.exact:
+            caches = m.exact_caches(frozen, trainable, states, rope, length)
+        else:
+            empty = {name: llama.init_cache(cfg, count, batch, length, m.dtype) for name, count in
+                     (("compensation", m.ycfg.compensation_layers),
+                      ("coherence", m.ycfg.coherence_layers))}  # fmt: skip
+            _, _, caches = m.yoro_path(frozen, trainable, e, r, rope, cached_mask, empty, 0)
+        caches["embedding"] = embedding_cache
         caches["reasoning_layers"] = (
             jnp.full((batch,), m.ycfg.num_reasoning_layers(cfg), jnp.int32)
             if gates is None
             else router_lib.layers_needed(gates)
         )
-        h_reason, _ = llama.run_layers(cfg, m.coherence_layers(frozen), r, rope, prompt_mask)
-        comp, caches["compensation"] = llama.run_layers(
-            cfg, m.cast(trainable)["compensation"], e, rope, cached_mask, caches["compensation"], 0
-        )
-        z = m.concat(trainable, m.adapt(trainable, r) + comp)
-        _, caches["coherence"] = llama.run_layers(
-            cfg, m.coherence_layers(frozen), z, rope, cached_mask, caches["coherence"], 0
-        )
         return m.logits(frozen, h_reason[:, -1]), caches
 
     def extend(self, params, caches, tokens, positions, kv_valid, slot):
-        """Tokens after the prompt: embedding + compensation + coherence, no reasoning."""
+        """Tokens after the prompt: embedding + YORO path, no reasoning."""
         frozen, trainable = params
         m, cfg = self.model, self.model.base
         rope = llama.rope_tables(cfg, positions)
@@ -377,15 +621,8 @@ class YoroDecoder:
         e, caches["embedding"] = llama.run_layers(
             cfg, m.embedding_layers(frozen), x, rope, mask, caches["embedding"], slot
         )
-        comp, caches["compensation"] = llama.run_layers(
-            cfg, m.cast(trainable)["compensation"], e, rope, mask, caches["compensation"], slot
-        )
-        # after the prompt the reasoning input is zero: Adapt(0) is one vector for all tokens
-        z = m.concat(trainable, m.adapt(trainable, jnp.zeros((cfg.hidden_size,), m.dtype)) + comp)
-        h, caches["coherence"] = llama.run_layers(
-            cfg, m.coherence_layers(frozen), z, rope, mask, caches["coherence"], slot
-        )
-        return h, caches
+        h, _, path_caches = m.yoro_path(frozen, trainable, e, None, rope, mask, caches, slot)
+        return h, caches | path_caches
 
     def head(self, params, hidden):
         return self.model.logits(params[0], hidden)
@@ -476,5 +713,7 @@ def load_yoro(path: Path, base: Any = None) -> tuple[YoroConfig, Params, Any]:
             f"base {base.path} has {base.fingerprint[:16]}"
         )
     ycfg = YoroConfig.from_dict(meta["yoro"]).validate(base.config)
-    abstract = jax.eval_shape(lambda: init_trainable(ycfg, base.config, jax.random.key(0)))
+    abstract = jax.eval_shape(
+        lambda: init_trainable(ycfg, base.config, jax.random.key(0), base.params)
+    )
     return ycfg, restore_pytree(Path(path) / TRAINABLE_DIR, abstract), base
