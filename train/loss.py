@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def sparse_kl(logits, top_ids, top_logprobs, temperature: float) -> jax.Array:
@@ -33,6 +34,19 @@ def dense_kl(logits, teacher_logits, temperature: float) -> jax.Array:
 def cross_entropy(logits, targets) -> jax.Array:
     log_q = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.take_along_axis(log_q, targets[..., None], axis=-1)[..., 0]
+
+
+def hidden_match(z, target, mask, kind: str) -> jax.Array:
+    """Per-row sums [B] of the distance between the YORO path's coherence input z and the
+    full model's own state there (docs/DESIGN.md §4), on the difference divided by the
+    target's RMS per position: SmolLM2's stream has a few channels hundreds of times larger
+    than the rest, which a raw MSE would be all about. ``kind``: mse | smoothl1 (Huber,
+    delta 1, as EAGLE's feature loss)."""
+    target = target.astype(jnp.float32)
+    scale = jax.lax.rsqrt(jnp.mean(target * target, axis=-1, keepdims=True) + 1e-6)
+    diff = (z.astype(jnp.float32) - target) * scale
+    per = jnp.mean(diff * diff if kind == "mse" else optax.huber_loss(diff), axis=-1)
+    return jnp.sum(per * mask.astype(jnp.float32), axis=-1)
 
 
 def chunked_sums(

@@ -10,19 +10,30 @@ data was made from and refuses to mix settings.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
 from train.config import RunConfig
-from train.data import serialize
+from train.data import bucket, serialize
+from yoro_jax.batch import prompt_response_layout
 from yoro_jax.config import ConfigError
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
+from yoro_jax.yoro import Yoro
+
+# Frozen features are stored for the training split only: validation recomputes them
+# (it runs rarely, and so checks the stored path against the recompute path).
+FEATURE_SPLITS = ("train",)
 
 
 def teacher_dir(cfg: RunConfig) -> Path:
@@ -38,7 +49,46 @@ def _manifest(cfg: RunConfig, fingerprint: str, splits: dict[str, list[list[int]
         "shard_size": cfg.teacher.shard_size,
         "prompts_sha256": digest,
         "counts": {name: len(prompts) for name, prompts in splits.items()},
+        "features": _feature_spec(cfg),
     }
+
+
+def _feature_spec(cfg: RunConfig) -> dict | None:
+    """What the stored features depend on (None: none stored)."""
+    if not cfg.teacher.features:
+        return None
+    y = cfg.yoro
+    return {"dtype": cfg.teacher.feature_dtype, "splits": list(FEATURE_SPLITS),
+            "embedding_layers": y.embedding_layers, "coherence_layers": y.coherence_layers,
+            "compensation_layers": y.compensation_layers}  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prompt_len"))
+def _features(model: Yoro, frozen, tokens, valid, prompt_len: int):
+    return model.frozen_features(frozen, tokens, valid, prompt_len)
+
+
+def feature_records(
+    model: Yoro, frozen: Any, prompts: list[list[int]], responses: list[list[int]],
+    pad_id: int, dtype: Any,
+) -> list[dict[str, np.ndarray]]:  # fmt: skip
+    """The frozen features of (prompt, response) pairs, one full-model pass per batch,
+    cut to each example's own length and cast to the storage dtype."""
+    prompt_len = bucket(max(map(len, prompts)))
+    total = prompt_len + bucket(max(map(len, responses)))
+    tokens, valid, _ = prompt_response_layout(prompts, responses, prompt_len, total, pad_id)
+    feats = jax.device_get(_features(model, frozen, jnp.asarray(tokens), jnp.asarray(valid),
+                                     prompt_len))  # fmt: skip
+    out = []
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        n, p = len(response), len(prompt)
+        out.append({
+            "e_response": feats["e_response"][row, :n],
+            "prompt_states": feats["prompt_states"][row, :, prompt_len - p :],
+            "h_first": feats["h_first"][row],
+            "teacher_hidden": feats["teacher_hidden"][row, :n],
+        })  # fmt: skip
+    return [{k: np.asarray(v).astype(dtype) for k, v in r.items()} for r in out]
 
 
 def shard_paths(out: Path, split: str, count: int, shard_size: int) -> list[Path]:
@@ -57,6 +107,12 @@ def generate_teacher_data(
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         existing = json.loads(manifest_path.read_text())
+        if existing.get("features") is None and manifest["features"] is not None:
+            raise ConfigError(
+                f"teacher data in {out} was made without the stored frozen features that "
+                "teacher.features: true needs; delete that directory (or use another run_dir) "
+                "to make them, or set teacher.features: false to recompute them every step"
+            )
         if existing != manifest:
             changed = sorted(k for k in manifest if existing.get(k) != manifest[k])
             raise ConfigError(
@@ -67,6 +123,8 @@ def generate_teacher_data(
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
 
     decoder = LlamaDecoder(base.config, base.params["embed"].dtype)
+    feature_model = Yoro(base.config, cfg.yoro, base.params["embed"].dtype)
+    feature_dtype = ml_dtypes.bfloat16 if cfg.teacher.feature_dtype == "bfloat16" else np.float32
     eos, pad = special_ids(base.config, base.tokenizer)
     size = cfg.teacher.shard_size
     paths = {s: shard_paths(out, s, len(p), size) for s, p in splits.items()}
@@ -75,6 +133,7 @@ def generate_teacher_data(
     if not todo:
         return paths
     progress = tqdm(total=todo, desc="teacher responses", unit="prompt")
+    started, new_tokens = time.perf_counter(), 0
     for split, prompts in splits.items():
         for index, path in enumerate(paths[split]):
             if path.exists():
@@ -90,14 +149,21 @@ def generate_teacher_data(
                     max_new_tokens=cfg.teacher.max_new_tokens, eos_ids=eos, pad_id=pad,
                     record_top_k=cfg.teacher.top_k,
                 )  # fmt: skip
-                for i, c in zip(rows, completions, strict=True):
+                features = (
+                    feature_records(feature_model, base.params, [shard[i] for i in rows],
+                                    [c.tokens for c in completions], pad, feature_dtype)
+                    if cfg.teacher.features and split in FEATURE_SPLITS else [{}] * len(rows)
+                )  # fmt: skip
+                for i, c, f in zip(rows, completions, features, strict=True):
                     records[i] = serialize({
                         "prompt": np.asarray(shard[i], np.int32),
                         "response": np.asarray(c.tokens, np.int32),
                         "top_ids": c.top_ids.astype(np.int32),
                         "top_logprobs": c.top_logprobs.astype(np.float32),
-                    })  # fmt: skip
+                    } | f)  # fmt: skip
+                new_tokens += sum(len(c.tokens) for c in completions)
                 progress.update(len(rows))
+                progress.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
             partial = path.with_suffix(".partial")
             writer = ArrayRecordWriter(str(partial), "group_size:1")
             for i in range(len(shard)):

@@ -35,9 +35,8 @@ from tqdm.auto import tqdm
 
 from train import data as data_lib
 from train.config import RunConfig, load_config, to_dict
-from train.loss import chunked_sums
+from train.loss import chunked_sums, hidden_match
 from train.routing import router_objective, temperature_at
-from yoro_jax import llama
 from yoro_jax.checkpoint import Model, load_model, resolve_dtype, write_model_dir
 from yoro_jax.config import ConfigError
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
@@ -184,7 +183,7 @@ def initial_trainable(cfg: RunConfig, base: Model) -> Params:
     """The run's starting nets: fresh (from ``train.seed``), or the YORO nets in
     ``router_train.init_nets`` with a fresh router (stage 2)."""
     init_key, _ = jax.random.split(jax.random.key(cfg.train.seed))
-    fresh = init_trainable(cfg.yoro, base.config, init_key)
+    fresh = init_trainable(cfg.yoro, base.config, init_key, base.params)
     if cfg.router_train.init_nets is None:
         return fresh
     path = Path(cfg.router_train.init_nets)
@@ -213,25 +212,45 @@ def row_sums(
     temperature: float,
     ce_weight: float,
     chunk: int,
+    hidden_weight: float = 0.0,
+    hidden_loss: str = "mse",
     **routing_args: Any,
 ) -> tuple[dict[str, jax.Array], Any]:
     """Per-row sums [B] of the loss terms over valid response positions, and the routing
-    (``routing_args``: fixed ``gates``, or ``key``/``router_temperature`` to sample)."""
+    (``routing_args``: fixed ``gates``, or ``key``/``router_temperature`` to sample).
+
+    A batch with stored frozen features (``e_response`` ...) runs only the trainable path
+    and the coherence block after the prompt; otherwise the frozen blocks are recomputed.
+    """
     tokens, valid = batch["tokens"], batch["valid"]
     resp_len = batch["targets"].shape[1]
+    if "e_response" in batch:
+        h_yoro, z = model.yoro_from_features(
+            frozen, trainable, batch["e_response"], batch["prompt_states"], valid
+        )
+        h_first, routing = batch["h_first"][:, None].astype(h_yoro.dtype), None
+    else:
+        out = model.hidden_states(frozen, trainable, tokens, valid, prompt_len, **routing_args)
+        h_yoro, z, routing, h_first = out.h_yoro, out.z_yoro, out.routing, out.h_reason[:, -1:]
     # Position P-1+j predicts response token j; the last input token predicts nothing.
-    hidden, routing = model.response_hidden(
-        frozen, trainable, tokens, valid, prompt_len, **routing_args
-    )
-    hidden = hidden[:, :resp_len]
-    teacher_hidden = None
-    if online:
-        full = llama.hidden_states(model.base, frozen, tokens, valid, model.dtype)
-        teacher_hidden = jax.lax.stop_gradient(full[:, prompt_len - 1 : prompt_len - 1 + resp_len])
+    hidden = jnp.concatenate([h_first, h_yoro], axis=1)[:, :resp_len]
+    teacher_hidden = teacher_z = None
+    if online or (hidden_weight and "teacher_hidden" not in batch):
+        _, coherence_input, final, _ = model.full_pass(frozen, tokens, valid)
+        window = slice(prompt_len - 1, prompt_len - 1 + resp_len)
+        teacher_hidden = jax.lax.stop_gradient(final[:, window])
+        teacher_z = jax.lax.stop_gradient(coherence_input[:, prompt_len:])
     sums = chunked_sums(
         lambda h: model.logits(frozen, h), hidden, batch, temperature=temperature,
-        ce_weight=ce_weight, chunk=chunk, teacher_hidden=teacher_hidden,
+        ce_weight=ce_weight, chunk=chunk, teacher_hidden=teacher_hidden if online else None,
     )  # fmt: skip
+    if hidden_weight:
+        target = batch.get("teacher_hidden", teacher_z)
+        # z at position P+i predicts response token i+1: mask of targets 1..R-1
+        sums["hidden"] = hidden_match(
+            z[:, : resp_len - 1], target[:, : resp_len - 1], batch["target_mask"][:, 1:],
+            hidden_loss,
+        )  # fmt: skip
     return sums, routing
 
 
@@ -264,7 +283,7 @@ def train_step(
     draws the same gates) and its loss terms (:mod:`train.routing`) are added.
     """
     opts = dict(loss_opts)
-    ce_weight = opts["ce_weight"]
+    ce_weight, hidden_weight = opts["ce_weight"], opts["hidden_weight"]
     routed = model.router is not None
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
@@ -278,10 +297,14 @@ def train_step(
         )
         sums = {k: jnp.sum(v) for k, v in rows.items()}
         count = jnp.maximum(sums["count"], 1.0)
-        loss = (sums["kl"] + ce_weight * sums["ce"]) / count
+        hidden = sums.get("hidden", 0.0)
+        loss = (sums["kl"] + ce_weight * sums["ce"] + hidden_weight * hidden) / count
         if not routed:
             return loss, (sums, {})
-        row_loss = (rows["kl"] + ce_weight * rows["ce"]) / jnp.maximum(rows["count"], 1.0)
+        row_hidden = hidden_weight * rows["hidden"] if hidden_weight else 0.0
+        row_loss = (rows["kl"] + ce_weight * rows["ce"] + row_hidden) / jnp.maximum(
+            rows["count"], 1.0
+        )
         extra, router_metrics = router_objective(
             routing, row_loss, batch["valid"][:, :prompt_len], router_opts, state["step"],
             state["baseline"],
@@ -430,6 +453,7 @@ class Trainer:
         self.loss_opts = (
             ("online", cfg.loss.mode == "online"), ("temperature", cfg.loss.soft_temperature),
             ("ce_weight", cfg.loss.ce_weight), ("chunk", cfg.loss.logits_chunk),
+            ("hidden_weight", cfg.loss.hidden_weight), ("hidden_loss", cfg.loss.hidden_loss),
         )  # fmt: skip
         val = data_lib.TeacherRecords(prepared.shards["val"]) if prepared.shards["val"] else []
         self.val_examples = [val[i] for i in range(len(val))]
@@ -574,6 +598,8 @@ class Trainer:
                     count = max(float(m["count"]), 1.0)
                     window["loss"] += loss
                     window["kl"] += float(m["kl"]) / count
+                    if "hidden" in m:
+                        window["hidden"] = window.get("hidden", 0.0) + float(m["hidden"]) / count
                     window["tokens"] += int(batch["valid"].sum())
                     window["n"] += 1
                     for key in ("active_layers", "skip_rate", "gate_entropy", "reward"):
@@ -587,6 +613,8 @@ class Trainer:
                         "grad_norm": grad_norm, "lr": float(self.schedule(step)),
                         "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                     }  # fmt: skip
+                    if "hidden" in window:
+                        scalars["hidden"] = window["hidden"] / window["n"]
                     if self.routed:
                         scalars |= {k: v / window["n"] for k, v in router_window.items()}
                         scalars |= {"temperature": temperature,

@@ -443,28 +443,38 @@ class Yoro:
         return h, z, new
 
     # ------------------------------------------------------------------ teacher forcing
-    def frozen_features(
-        self,
-        frozen: Params,
-        tokens: jax.Array,  # [B, T]
-        valid: jax.Array,  # [B, T]
-        prompt_len: int,
-        gates: jax.Array | None = None,
-    ) -> dict[str, jax.Array]:
-        """What the frozen blocks compute for a training example, which the trainable path
-        reads: ``e_response`` [B, T-P, d] (embedding block after the prompt),
-        ``prompt_states`` [B, Lc+C, P, d] (exact context) and ``h_reason`` [B, P, d]."""
+    def full_pass(
+        self, frozen: Params, tokens: jax.Array, valid: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]]:
+        """The unmodified full model over every position, seen through the split:
+        ``(e, r, h, states)`` — embedding-block output, the coherence block's input (the
+        teacher's target for z), the last layer's output (before the final norm), and the
+        exact-context states at every position. Causal, so its prompt positions equal what
+        the one reasoning pass computes: this is how teacher data stores the frozen
+        features, and the online teacher of training."""
         cfg = self.base
         rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
         mask = llama.attention_mask(valid, 0, tokens.shape[1])
         x = llama.embed_tokens(frozen, tokens, self.dtype)
         e, _ = llama.run_layers(cfg, self.embedding_layers(frozen), x, rope, mask)
-        prompt_rope = tuple(t[:, :prompt_len] for t in rope)
-        _, h_reason, states = self.prompt_pass(
-            frozen, e[:, :prompt_len], prompt_rope, mask[:, :prompt_len, :prompt_len], gates
-        )
-        return {"e_response": e[:, prompt_len:], "prompt_states": jnp.stack(states, axis=1),
-                "h_reason": h_reason}  # fmt: skip
+        r, h, states = self.prompt_pass(frozen, e, rope, mask)
+        return e, r, h, states
+
+    def frozen_features(
+        self, frozen: Params, tokens: jax.Array, valid: jax.Array, prompt_len: int
+    ) -> dict[str, jax.Array]:
+        """What training reads instead of recomputing the frozen blocks (exact context, no
+        router): ``e_response`` [B, T-P, d] (embedding block after the prompt),
+        ``prompt_states`` [B, Lc+C, P, d], ``h_first`` [B, d] (the reasoning path at P-1,
+        which predicts the first response token) and ``teacher_hidden`` [B, T-P, d] (the
+        full model's coherence input after the prompt: the hidden-state target)."""
+        e, r, h, states = self.full_pass(frozen, tokens, valid)
+        return {
+            "e_response": e[:, prompt_len:],
+            "prompt_states": jnp.stack([s[:, :prompt_len] for s in states], axis=1),
+            "h_first": h[:, prompt_len - 1],
+            "teacher_hidden": r[:, prompt_len:],
+        }
 
     def yoro_from_features(
         self,
