@@ -50,8 +50,14 @@ def _loss_and_grads(trainer, trainable, arrays, prompt_len):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
 
 
-def test_stored_features_give_the_recompute_loss_and_gradients(exact_f32):
-    _, prep = exact_f32
+@pytest.mark.parametrize("variant", ["exact", "reference"])
+def test_stored_features_give_the_recompute_loss_and_gradients(exact_f32, tmp_path, variant):
+    run_dir, prep = exact_f32
+    if variant == "reference":  # the same shards serve the reference context
+        reuse_teacher_data(run_dir, tmp_path / "ref")
+        overrides = ["teacher.features=true", "teacher.feature_dtype=float32",
+                     "loss.hidden_weight=1", *QUIET_EVAL]  # fmt: skip
+        prep = prepare_run(smoke_config(tmp_path / "ref", *overrides))
     trainer = Trainer(prep)
     trainable = trainer.init_state()["trainable"]
     # move off the zero init, so every net gets a gradient
@@ -61,7 +67,7 @@ def test_stored_features_give_the_recompute_loss_and_gradients(exact_f32):
         tree, [a + 0.02 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
     )
     arrays, prompt_len = _batch(prep)
-    assert {"e_response", "prompt_states", "h_first", "teacher_hidden"} <= set(arrays)
+    assert set(data_lib.FEATURES) <= set(arrays)
     recompute = {k: v for k, v in arrays.items() if k not in data_lib.FEATURES}
     (stored_loss, stored), stored_grads = _loss_and_grads(trainer, trainable, arrays, prompt_len)
     (loss, sums), grads = _loss_and_grads(trainer, trainable, recompute, prompt_len)
@@ -103,7 +109,7 @@ def test_shards_without_features_are_refused_for_a_config_that_needs_them(smoke_
     with pytest.raises(ConfigError, match="made without the stored frozen features"):
         prepare_run(smoke_config(run_dir, *EXACT))
     with pytest.raises(ConfigError, match="teacher.features: stored features serve"):
-        smoke_config(run_dir, "teacher.features=true")
+        smoke_config(run_dir, "teacher.features=true", "yoro.router.kind=gumbel")
 
 
 def test_killed_feature_run_resumes_bitwise_equal(exact_f32, tmp_path):

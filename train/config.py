@@ -59,8 +59,8 @@ class TeacherSection:
     top_k: int = 10
     batch_size: int = 8
     shard_size: int = 64
-    # store the frozen features the exact-context train step reads (yoro.prompt_context
-    # exact, no router): computed once here instead of at every step of every epoch
+    # store the frozen features the train step reads (no router): recorded while the
+    # teacher answers, instead of recomputed at every step of every epoch
     features: bool = False
     feature_dtype: str = "bfloat16"  # bfloat16 | float32 (exactness tests)
 
@@ -251,11 +251,11 @@ def _check_values(cfg: RunConfig) -> None:
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the mesh size "
             f"(mesh.data x mesh.fsdp = {cfg.mesh.size})"
         )
-    if cfg.teacher.features and (not cfg.yoro.exact or cfg.yoro.router.kind != "none"):
+    if cfg.teacher.features and cfg.yoro.router.kind != "none":
         raise ConfigError(
-            "teacher.features: stored features serve yoro.prompt_context: exact without a "
-            f"router (got prompt_context {cfg.yoro.prompt_context!r}, router "
-            f"{cfg.yoro.router.kind!r}); set teacher.features: false"
+            "teacher.features: stored features serve YORO without a router (its gates change "
+            f"what the reasoning block computes), got router {cfg.yoro.router.kind!r}; set "
+            "teacher.features: false"
         )
     if not cfg.data.prompts:
         raise ConfigError("data.prompts: at least one prompt source is needed")

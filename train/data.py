@@ -223,13 +223,14 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def collate(
-    examples: Sequence[dict[str, np.ndarray]], pad_id: int, top_k: int
+    examples: Sequence[dict[str, np.ndarray]], pad_id: int, top_k: int, features: bool = True
 ) -> dict[str, np.ndarray]:
     """Examples -> one batch in the prompt|response layout with bucketed static shapes.
 
     Keys: tokens/valid [B, T]; prompt_len (P, a Python int); targets [B, R] (the teacher's
     tokens), target_mask [B, R]; top_ids/top_logprobs [B, R, k] where R = T - P and target
-    j is predicted at position P-1+j.
+    j is predicted at position P-1+j. With ``features`` and examples that carry stored
+    frozen features, those too (:func:`collate_features`).
     """
     from yoro_jax.batch import prompt_response_layout
 
@@ -255,33 +256,37 @@ def collate(
         "tokens": tokens, "valid": valid, "prompt_len": prompt_len, "targets": targets,
         "target_mask": mask, "top_ids": top_ids, "top_logprobs": top_logprobs,
     }  # fmt: skip
-    if all(FEATURES[0] in e for e in examples):
+    if features and all(FEATURES[0] in e for e in examples):
         out |= collate_features(examples, prompt_len, resp_len)
     return out
 
 
-# The stored frozen features (exact context): see ``Yoro.frozen_features``.
-FEATURES = ("e_response", "prompt_states", "h_first", "teacher_hidden")
+# The stored frozen features: see ``Yoro.frozen_features``.
+FEATURES = ("e_response", "e_prompt", "r_prompt", "prompt_states", "h_first", "teacher_hidden")
 
 
 def collate_features(
     examples: Sequence[dict[str, np.ndarray]], prompt_len: int, resp_len: int
 ) -> dict[str, np.ndarray]:
-    """Stored features in the batch layout (float32): response-aligned [B, R, d] arrays
-    (zero after each response), prompt states right-aligned to P, h_first [B, d]."""
+    """Stored features in the batch layout (float32): response arrays [B, R, ...] left-
+    aligned (zero after each response), prompt arrays [B, ..., P, d] right-aligned to P."""
     first = examples[0]
     d, layers = first["h_first"].shape[-1], first["prompt_states"].shape[0]
     batch = len(examples)
     out = {
         "e_response": np.zeros((batch, resp_len, d), np.float32),
         "teacher_hidden": np.zeros((batch, resp_len, d), np.float32),
+        "e_prompt": np.zeros((batch, prompt_len, d), np.float32),
+        "r_prompt": np.zeros((batch, prompt_len, d), np.float32),
         "prompt_states": np.zeros((batch, layers, prompt_len, d), np.float32),
         "h_first": np.zeros((batch, d), np.float32),
     }
     for row, e in enumerate(examples):
         n, p = len(e["response"]), len(e["prompt"])
-        out["e_response"][row, :n] = e["e_response"]
-        out["teacher_hidden"][row, :n] = e["teacher_hidden"]
+        for key in ("e_response", "teacher_hidden"):
+            out[key][row, :n] = e[key]
+        for key in ("e_prompt", "r_prompt"):
+            out[key][row, prompt_len - p :] = e[key]
         out["prompt_states"][row, :, prompt_len - p :] = e["prompt_states"]
         out["h_first"][row] = e["h_first"]
     return out
@@ -290,5 +295,6 @@ def collate_features(
 def batches(
     examples: Sequence[dict[str, np.ndarray]], size: int, pad_id: int, top_k: int
 ) -> Iterator[dict]:
+    """Batches for evaluation: no stored features (the recompute path is the reference)."""
     for start in range(0, len(examples), size):
-        yield collate(examples[start : start + size], pad_id, top_k)
+        yield collate(examples[start : start + size], pad_id, top_k, features=False)

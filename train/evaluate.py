@@ -16,7 +16,9 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import yaml
 
 from train import data as data_lib
@@ -30,10 +32,30 @@ from yoro_jax.report import markdown_table
 from yoro_jax.yoro import Yoro, YoroDecoder, load_yoro
 
 
+def repeated_ngram_share(tokens: list[int], n: int = 4) -> float:
+    """Share of a sequence's n-grams that already occurred earlier in it (0: no repetition;
+    a generation stuck in a loop approaches 1)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    seen: set[tuple[int, ...]] = set()
+    repeats = 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams) if grams else 0.0
+
+
+def distinct_ngrams(tokens: list[int], n: int = 2) -> float:
+    """distinct-n: distinct n-grams / n-grams in one sequence."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 def evaluate_run(
-    run_dir: Path, source: PromptSource, samples: int = 3, batch_size: int = 8
-) -> dict[str, dict]:
-    """Metrics per parameter set (``before``, ``export``, ``best``) + sample generations."""
+    run_dir: Path, source: PromptSource, samples: int = 3, batch_size: int = 8,
+    generations: int = 16,
+) -> dict[str, Any]:  # fmt: skip
+    """Metrics per parameter set (``before``, ``export``, ``best``), the repetition of greedy
+    answers on ``generations`` prompts (full model and each set), and sample generations."""
     cfg = load_config(run_dir / "config.yaml")
     base = resolve_base(cfg)
     prompts = data_lib.load_prompts(dataclasses.replace(cfg.data, prompts=[source]), base.tokenizer)
@@ -50,18 +72,10 @@ def evaluate_run(
             nets[f"after ({name})"] = load_yoro(run_dir / name, base)[1]
     eos, pad = special_ids(base.config, base.tokenizer)
     metrics = {
-        name: heldout_metrics(
-            model,
-            frozen,
-            trainable,
-            examples,
-            batch_size,
-            pad,
-            cfg.teacher.top_k,
-            cfg.loss.logits_chunk,
-        )
+        name: heldout_metrics(model, frozen, trainable, examples, batch_size, pad,
+                              cfg.teacher.top_k, cfg.loss.logits_chunk)
         for name, trainable in nets.items()
-    }
+    }  # fmt: skip
 
     opts = {
         "max_new_tokens": cfg.eval.sample_max_new_tokens,
@@ -69,16 +83,24 @@ def evaluate_run(
         "pad_id": pad,
         "tokenizer": base.tokenizer,
     }
-    chosen = [e["prompt"].tolist() for e in examples[:samples]]
+    chosen = [e["prompt"].tolist() for e in examples[: max(samples, generations)]]
     answers = {"full": generate_tokens(LlamaDecoder(base.config), frozen, chosen, **opts)}
     for name, trainable in nets.items():
         answers[name] = generate_tokens(YoroDecoder(model), (frozen, trainable), chosen, **opts)
+    repetition = {
+        name: {
+            "repeated_4gram_share": float(np.mean([repeated_ngram_share(c.tokens) for c in a])),
+            "distinct_2": float(np.mean([distinct_ngrams(c.tokens) for c in a])),
+        }
+        for name, a in answers.items()
+    }
     texts = [
         {"prompt": base.tokenizer.decode(p, skip_special_tokens=True)}
         | {name: a[i].text for name, a in answers.items()}
-        for i, p in enumerate(chosen)
+        for i, p in enumerate(chosen[:samples])
     ]
-    return {"metrics": metrics, "samples": texts, "prompts": len(examples)}
+    return {"metrics": metrics, "repetition": repetition, "samples": texts,
+            "prompts": len(examples), "generated": len(chosen)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,26 +114,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="generic", choices=PROMPT_FORMATS[1:])
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--samples", type=int, default=3, help="side-by-side generations")
+    parser.add_argument("--generations", type=int, default=16,
+                        help="greedy answers per model for the repetition measures")  # fmt: skip
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     try:
         result = evaluate_run(
-            Path(args.run), PromptSource(args.prompts, args.format, limit=args.limit), args.samples
-        )
+            Path(args.run), PromptSource(args.prompts, args.format, limit=args.limit),
+            args.samples, generations=args.generations,
+        )  # fmt: skip
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    rows = [[name, m["kl"], m["top1"], m["ce"]] for name, m in result["metrics"].items()]
     print(
         f"{result['prompts']} held-out prompts from {args.prompts}, "
         f"{int(next(iter(result['metrics'].values()))['tokens'])} response tokens"
     )
-    print(
-        markdown_table(
-            ["YORO nets", "KL to full (T=1)", "top-1 agreement", "CE of full's tokens"],
-            [[r[0], f"{r[1]:.4f}", f"{r[2]:.3f}", f"{r[3]:.4f}"] for r in rows],
-        )
-    )
+    rows = [[name, f"{m['kl']:.4f}", f"{m['top1']:.3f}", f"{m['ce']:.4f}",
+             " ".join(f"{m[f'top1_at_{j}']:.2f}" for j in range(1, 9))]
+            for name, m in result["metrics"].items()]  # fmt: skip
+    header = ["YORO nets", "KL to full (T=1)", "top-1 agreement", "CE of full's tokens",
+              "top-1 at generated positions 1..8"]  # fmt: skip
+    print(markdown_table(header, rows))
+    print(f"\ngreedy answers to {result['generated']} of the prompts:")
+    print(markdown_table(["model", "repeated 4-gram share", "distinct-2"],
+                         [[name, f"{r['repeated_4gram_share']:.3f}", f"{r['distinct_2']:.3f}"]
+                          for name, r in result["repetition"].items()]))  # fmt: skip
     for sample in result["samples"]:
         print()
         print(yaml.safe_dump(sample, sort_keys=False, allow_unicode=True, width=100), end="")

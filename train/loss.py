@@ -59,7 +59,8 @@ def chunked_sums(
     chunk: int,
     teacher_hidden: jax.Array | None = None,  # [B, R, d]: online mode
 ) -> dict[str, jax.Array]:
-    """Per-row sums [B] over valid positions: kl, ce, top-1 agreement, position count.
+    """Per-row sums [B] over valid positions: kl, ce, top-1 agreement, position count;
+    and ``agree_positions`` [B, R], the masked top-1 agreement at each response position.
 
     Per row, so that a per-sequence reward (REINFORCE router) can be formed from them.
     """
@@ -94,15 +95,18 @@ def chunked_sums(
             teacher_top1 = x["top_ids"][..., 0]
         ce = cross_entropy(logits, x["targets"]) if ce_weight else jnp.zeros_like(kl)
         agree = (jnp.argmax(logits, axis=-1) == teacher_top1).astype(jnp.float32)
-        return {
+        sums = {
             "kl": jnp.sum(kl * mask, axis=-1),
             "ce": jnp.sum(ce * mask, axis=-1),
             "top1": jnp.sum(agree * mask, axis=-1),
             "count": jnp.sum(mask, axis=-1),
         }
+        return sums, agree * mask
 
     def body(total, x):
-        return jax.tree.map(jnp.add, total, one_chunk(x)), None
+        sums, agree = one_chunk(x)
+        return jax.tree.map(jnp.add, total, sums), agree
 
     zero = {k: jnp.zeros((b,), jnp.float32) for k in ("kl", "ce", "top1", "count")}
-    return jax.lax.scan(body, zero, xs)[0]
+    totals, agree = jax.lax.scan(body, zero, xs)  # agree: [R/chunk, B, chunk]
+    return totals | {"agree_positions": jnp.moveaxis(agree, 0, 1).reshape(b, r)}

@@ -10,7 +10,6 @@ data was made from and refuses to mix settings.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -18,18 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
 from train.config import RunConfig
-from train.data import bucket, serialize
-from yoro_jax.batch import prompt_response_layout
+from train.data import serialize
 from yoro_jax.config import ConfigError
-from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
-from yoro_jax.yoro import Yoro
+from yoro_jax.generate import LlamaDecoder, RecordingDecoder, generate_tokens, special_ids
 
 # Frozen features are stored for the training split only: validation recomputes them
 # (it runs rarely, and so checks the stored path against the recompute path).
@@ -63,32 +58,32 @@ def _feature_spec(cfg: RunConfig) -> dict | None:
             "compensation_layers": y.compensation_layers}  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prompt_len"))
-def _features(model: Yoro, frozen, tokens, valid, prompt_len: int):
-    return model.frozen_features(frozen, tokens, valid, prompt_len)
+def feature_depths(cfg: RunConfig, base: Any) -> tuple[int, ...]:
+    """The base-layer inputs the stored features are read from: the embedding block's
+    output (E), the reasoning output / coherence input (N-C), the prompt states of the
+    exact context (N-C-Lc .. N-1), and the last layer's output (N, for the first response
+    token's hidden state)."""
+    y, n = cfg.yoro, base.config.num_hidden_layers
+    coherence_input = n - y.coherence_layers
+    exact = range(coherence_input - y.compensation_layers, n)
+    return (y.embedding_layers, coherence_input, *exact, n)
 
 
-def feature_records(
-    model: Yoro, frozen: Any, prompts: list[list[int]], responses: list[list[int]],
-    pad_id: int, dtype: Any,
-) -> list[dict[str, np.ndarray]]:  # fmt: skip
-    """The frozen features of (prompt, response) pairs, one full-model pass per batch,
-    cut to each example's own length and cast to the storage dtype."""
-    prompt_len = bucket(max(map(len, prompts)))
-    total = prompt_len + bucket(max(map(len, responses)))
-    tokens, valid, _ = prompt_response_layout(prompts, responses, prompt_len, total, pad_id)
-    feats = jax.device_get(_features(model, frozen, jnp.asarray(tokens), jnp.asarray(valid),
-                                     prompt_len))  # fmt: skip
-    out = []
-    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        n, p = len(response), len(prompt)
-        out.append({
-            "e_response": feats["e_response"][row, :n],
-            "prompt_states": feats["prompt_states"][row, :, prompt_len - p :],
-            "h_first": feats["h_first"][row],
-            "teacher_hidden": feats["teacher_hidden"][row, :n],
-        })  # fmt: skip
-    return [{k: np.asarray(v).astype(dtype) for k, v in r.items()} for r in out]
+def feature_record(completion: Any, depths: tuple[int, ...], cfg: RunConfig, dtype) -> dict:
+    """One example's frozen features (see ``Yoro.frozen_features``) from the states the
+    teacher recorded while answering."""
+    y = cfg.yoro
+    n_prompt_states = y.compensation_layers + y.coherence_layers
+    prompt, response = completion.prompt_states, completion.response_states
+    record = {  # indices into feature_depths
+        "e_prompt": prompt[0],
+        "e_response": response[0],
+        "r_prompt": prompt[1],
+        "teacher_hidden": response[1],
+        "prompt_states": prompt[2 : 2 + n_prompt_states],
+        "h_first": prompt[-1, -1],
+    }
+    return {k: np.asarray(v).astype(dtype) for k, v in record.items()}
 
 
 def shard_paths(out: Path, split: str, count: int, shard_size: int) -> list[Path]:
@@ -113,6 +108,8 @@ def generate_teacher_data(
                 "teacher.features: true needs; delete that directory (or use another run_dir) "
                 "to make them, or set teacher.features: false to recompute them every step"
             )
+        if manifest["features"] is None:  # stored features a run does not read are harmless
+            manifest["features"] = existing.get("features")
         if existing != manifest:
             changed = sorted(k for k in manifest if existing.get(k) != manifest[k])
             raise ConfigError(
@@ -123,7 +120,8 @@ def generate_teacher_data(
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
 
     decoder = LlamaDecoder(base.config, base.params["embed"].dtype)
-    feature_model = Yoro(base.config, cfg.yoro, base.params["embed"].dtype)
+    depths = feature_depths(cfg, base)
+    recording = RecordingDecoder(base.config, base.params["embed"].dtype, depths)
     feature_dtype = ml_dtypes.bfloat16 if cfg.teacher.feature_dtype == "bfloat16" else np.float32
     eos, pad = special_ids(base.config, base.tokenizer)
     size = cfg.teacher.shard_size
@@ -144,17 +142,14 @@ def generate_teacher_data(
             records: dict[int, bytes] = {}
             for start in range(0, len(order), cfg.teacher.batch_size):
                 rows = order[start : start + cfg.teacher.batch_size]
+                features = cfg.teacher.features and split in FEATURE_SPLITS
                 completions = generate_tokens(
-                    decoder, base.params, [shard[i] for i in rows],
+                    recording if features else decoder, base.params, [shard[i] for i in rows],
                     max_new_tokens=cfg.teacher.max_new_tokens, eos_ids=eos, pad_id=pad,
                     record_top_k=cfg.teacher.top_k,
                 )  # fmt: skip
-                features = (
-                    feature_records(feature_model, base.params, [shard[i] for i in rows],
-                                    [c.tokens for c in completions], pad, feature_dtype)
-                    if cfg.teacher.features and split in FEATURE_SPLITS else [{}] * len(rows)
-                )  # fmt: skip
-                for i, c, f in zip(rows, completions, features, strict=True):
+                for i, c in zip(rows, completions, strict=True):
+                    f = feature_record(c, depths, cfg, feature_dtype) if features else {}
                     records[i] = serialize({
                         "prompt": np.asarray(shard[i], np.int32),
                         "response": np.asarray(c.tokens, np.int32),

@@ -45,6 +45,8 @@ from yoro_jax.router import layers_needed, layers_on
 from yoro_jax.sharding import make_mesh, shard_batch, shard_params
 from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, load_yoro, save_yoro
 
+# Held-out top-1 agreement is also reported at each of the first generated positions.
+AT_POSITIONS = 8
 # Sections whose change makes a resumed run a different experiment.
 _FIXED_ON_RESUME = ("model", "yoro", "data", "teacher", "loss", "optim", "router_train")
 # Test hook: SIGKILL this process right after the given optimizer step (simulates a crash).
@@ -224,10 +226,8 @@ def row_sums(
     """
     tokens, valid = batch["tokens"], batch["valid"]
     resp_len = batch["targets"].shape[1]
-    if "e_response" in batch:
-        h_yoro, z = model.yoro_from_features(
-            frozen, trainable, batch["e_response"], batch["prompt_states"], valid
-        )
+    if "e_response" in batch and model.router is None:
+        h_yoro, z = model.yoro_from_stored(frozen, trainable, batch, valid)
         h_first, routing = batch["h_first"][:, None].astype(h_yoro.dtype), None
     else:
         out = model.hidden_states(frozen, trainable, tokens, valid, prompt_len, **routing_args)
@@ -339,7 +339,10 @@ def eval_sums(
     )
     rows, routing = row_sums(model, frozen, trainable, batch, prompt_len, online=True,
                              temperature=1.0, ce_weight=1.0, chunk=chunk, gates=gates)  # fmt: skip
-    sums = {key: jnp.sum(value) for key, value in rows.items()}
+    sums = {key: jnp.sum(value) for key, value in rows.items() if key != "agree_positions"}
+    # agreement at generated positions 1..8: what a speculative decoder's drafts would see
+    sums["top1_at"] = jnp.sum(rows["agree_positions"][:, :AT_POSITIONS], axis=0)
+    sums["count_at"] = jnp.sum(batch["target_mask"][:, :AT_POSITIONS].astype(jnp.float32), axis=0)
     if routing is not None:
         sums |= {"layers": layers_needed(routing.gates), "layer_on": layers_on(routing.gates)}
     return sums
@@ -369,11 +372,15 @@ def heldout_metrics(
                          None if keep is None else jnp.asarray(keep, jnp.float32))  # fmt: skip
         for key in ("kl", "ce", "top1", "count"):
             totals[key] = totals.get(key, 0.0) + float(sums[key])
+        for key in ("top1_at", "count_at"):
+            totals[key] = totals.get(key, 0.0) + np.asarray(sums[key], np.float64)
         if "layers" in sums:
             layers.append(np.asarray(sums["layers"]))
             layer_on.append(np.asarray(sums["layer_on"]))
     count = max(totals["count"], 1.0)
     out = {key: totals[key] / count for key in ("kl", "top1", "ce")} | {"tokens": count}
+    at = totals["top1_at"] / np.maximum(totals["count_at"], 1.0)
+    out |= {f"top1_at_{j + 1}": float(a) for j, a in enumerate(at)}
     if layers:
         on = np.concatenate(layer_on).astype(np.float64)
         out |= {"reasoning_layers": float(np.concatenate(layers).mean()),
@@ -430,7 +437,8 @@ class Trainer:
                 f"train.batch_size ({cfg.train.batch_size}) exceeds the {len(records)} training "
                 "examples"
             )
-        collate = partial(data_lib.collate, pad_id=self.pad_id, top_k=cfg.teacher.top_k)
+        collate = partial(data_lib.collate, pad_id=self.pad_id, top_k=cfg.teacher.top_k,
+                          features=cfg.teacher.features)  # fmt: skip
         hosts, host = jax.process_count(), jax.process_index()
         dataset = (
             grain.MapDataset.source(records).shuffle(seed=cfg.train.seed).repeat(cfg.train.epochs)

@@ -101,6 +101,61 @@ class LlamaDecoder:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordingDecoder(LlamaDecoder):
+    """The full model, also keeping its hidden states at the inputs of the base layers
+    ``depths`` (``num_hidden_layers``: the last layer's output) for every slot it computes.
+
+    Teacher data reads YORO's frozen features from them: the states the teacher computed
+    anyway while answering, so no second pass over prompt + answer is needed. Caches are
+    ``{"layers": [...], "states": [B, len(depths), S, d]}``.
+    """
+
+    depths: tuple[int, ...] = ()
+
+    def _run(self, params, x, rope, mask, caches, slot):
+        n = self.cfg.num_hidden_layers
+        layers, states = list(caches["layers"]), caches["states"]
+
+        def record(states, depth, x):
+            for index in (i for i, d in enumerate(self.depths) if d == depth):
+                start = (0, index, slot, 0)
+                states = jax.lax.dynamic_update_slice(
+                    states, x[:, None].astype(states.dtype), start
+                )
+            return states
+
+        bounds = sorted({0, n, *self.depths})
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            states = record(states, start, x)
+            x, layers[start:stop] = llama.run_layers(
+                self.cfg, params["layers"][start:stop], x, rope, mask, layers[start:stop], slot
+            )
+        return x, {"layers": layers, "states": record(states, n, x)}
+
+    def prefill(self, params: Params, tokens, valid, kv_valid):
+        cfg, (batch, prompt_len), length = self.cfg, tokens.shape, kv_valid.shape[1]
+        caches = {
+            "layers": llama.init_cache(cfg, cfg.num_hidden_layers, batch, length, self.dtype),
+            "states": jnp.zeros((batch, len(self.depths), length, cfg.hidden_size), self.dtype),
+        }
+        x = llama.embed_tokens(params, tokens, self.dtype)
+        rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
+        mask = llama.attention_mask(kv_valid, 0, prompt_len)
+        x, caches = self._run(params, x, rope, mask, caches, 0)
+        return self.head(params, x[:, -1]), caches
+
+    def extend(self, params: Params, caches, tokens, positions, kv_valid, slot):
+        x = llama.embed_tokens(params, tokens, self.dtype)
+        rope = llama.rope_tables(self.cfg, positions)
+        mask = llama.attention_mask(kv_valid, slot, tokens.shape[1])
+        return self._run(params, x, rope, mask, caches, slot)
+
+    def recorded(self, caches) -> jax.Array:
+        """[B, len(depths), S, d] recorded states (zeros at slots never computed)."""
+        return caches["states"]
+
+
 # ------------------------------------------------------------------ on-device generation
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """Next power of two >= n (at least ``minimum``): a handful of compiled shapes."""
@@ -227,6 +282,10 @@ class Completion:
     top_logprobs: np.ndarray | None = None  # [len(tokens), k] float32
     # YORO: reasoning layers this prompt needed in the one reasoning pass (router-gated)
     reasoning_layers: int | None = None
+    # RecordingDecoder: its states [len(depths), n, d] at the prompt's and at the generated
+    # tokens' slots (the last generated token is never fed back: its row is zero)
+    prompt_states: np.ndarray | None = None
+    response_states: np.ndarray | None = None
 
 
 def _find_stop(text: str, stop: Sequence[str]) -> int:
@@ -309,6 +368,13 @@ def generate_tokens(
     if layers is not None:
         for completion, count in zip(completions, np.asarray(layers).tolist(), strict=True):
             completion.reasoning_layers = int(count)
+    if isinstance(decoder, RecordingDecoder):
+        states, width = np.asarray(decoder.recorded(state["caches"])), tokens.shape[1]
+        for row, completion in enumerate(completions[:n_prompts]):
+            n, p = len(completion.tokens), len(prompts[row])
+            completion.prompt_states = states[row, :, width - p : width]
+            completion.response_states = states[row, :, width : width + n].copy()
+            completion.response_states[:, n - 1] = 0  # not fed back (or fed after the end)
     if record_top_k:
         top_ids, top_logprobs = np.asarray(state["top_ids"]), np.asarray(state["top_logprobs"])
         for row, completion in enumerate(completions):

@@ -463,13 +463,16 @@ class Yoro:
     def frozen_features(
         self, frozen: Params, tokens: jax.Array, valid: jax.Array, prompt_len: int
     ) -> dict[str, jax.Array]:
-        """What training reads instead of recomputing the frozen blocks (exact context, no
-        router): ``e_response`` [B, T-P, d] (embedding block after the prompt),
-        ``prompt_states`` [B, Lc+C, P, d], ``h_first`` [B, d] (the reasoning path at P-1,
+        """What training reads instead of recomputing the frozen blocks (no router):
+        ``e_prompt`` / ``e_response`` [B, P | T-P, d] (embedding block), ``r_prompt``
+        [B, P, d] (the reasoning output), ``prompt_states`` [B, Lc+C, P, d] (exact
+        context), ``h_first`` [B, d] (the reasoning path at P-1,
         which predicts the first response token) and ``teacher_hidden`` [B, T-P, d] (the
         full model's coherence input after the prompt: the hidden-state target)."""
         e, r, h, states = self.full_pass(frozen, tokens, valid)
         return {
+            "e_prompt": e[:, :prompt_len],
+            "r_prompt": r[:, :prompt_len],
             "e_response": e[:, prompt_len:],
             "prompt_states": jnp.stack([s[:, :prompt_len] for s in states], axis=1),
             "h_first": h[:, prompt_len - 1],
@@ -496,6 +499,23 @@ class Yoro:
         h, z, _ = self.yoro_path(frozen, trainable, e_response.astype(self.dtype), None,
                                  response_rope, mask, caches, prompt_len)  # fmt: skip
         return h, z
+
+    def yoro_from_stored(
+        self, frozen: Params, trainable: Params, feats: dict[str, jax.Array], valid: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """The YORO path ``(h, z)`` [B, R, d] after the prompt from stored frozen features
+        (:meth:`frozen_features`, in the batch layout): no frozen block is recomputed."""
+        if self.ycfg.exact:
+            return self.yoro_from_features(
+                frozen, trainable, feats["e_response"], feats["prompt_states"], valid
+            )
+        prompt_len = feats["e_prompt"].shape[1]
+        e = jnp.concatenate([feats["e_prompt"], feats["e_response"]], axis=1).astype(self.dtype)
+        rope = llama.rope_tables(self.base, llama.positions_from_valid(valid))
+        mask = llama.attention_mask(valid, 0, valid.shape[1])
+        r = feats["r_prompt"].astype(self.dtype)
+        h, z, _ = self.yoro_path(frozen, trainable, e, r, rope, mask)
+        return h[:, prompt_len:], z[:, prompt_len:]
 
     def hidden_states(
         self,
