@@ -1,13 +1,18 @@
-"""Training-step throughput: yoro-jax's jitted step vs a plain PyTorch/transformers step.
+"""Training-step throughput: yoro-jax's jitted step (stored frozen features, and
+recomputing them) vs a plain PyTorch/transformers step; teacher generation speed.
 
     python -m benchmarks.train_step [--batch 8] [--prompt-len 64] [--response-len 64]
 
-Both sides run the same YORO teacher-forcing step on SmolLM2 (float32, CPU, reference
+All rows run the same YORO teacher-forcing step on SmolLM2 (float32, CPU, reference
 split E2 C2 Lc2 La2 Lk1): forward over a left-padded prompt | right-padded response
 batch, sparse top-k KL (T_soft = 3) over the response positions, backward into the
-trainable nets only, AdamW update with global-norm clipping. The PyTorch side is written
-here for the benchmark (it is not part of the library): transformers' own
-``LlamaDecoderLayer`` modules for the frozen blocks and the compensation layers.
+trainable nets only, AdamW update with global-norm clipping. "stored features" reads what
+the frozen blocks compute (docs/DESIGN.md §4) from the batch, as training from teacher
+shards with ``teacher.features: true`` does; "recompute" runs them every step. The
+PyTorch side is written here for the benchmark (it is not part of the library):
+transformers' own ``LlamaDecoderLayer`` modules for the frozen blocks and the
+compensation layers. The default variant's step (preset "exact", stored features) and
+the teacher's answer generation (recording the features) are timed too.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from train.config import RunConfig
 from train.data import collate
 from train.trainer import make_optimizer, train_step
 from yoro_jax.checkpoint import load_model
+from yoro_jax.generate import RecordingDecoder, generate_tokens
 from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
 
 YCFG = YoroConfig(2, 2, 2, 2, 1)
+EXACT = YoroConfig.preset("exact")
 TOP_K, TEMPERATURE = 10, 3.0
 
 
@@ -58,17 +65,23 @@ def time_steps(step, n: int) -> float:
 
 
 # ------------------------------------------------------------------------------- JAX side
-def jax_step_fn(model_dir, batch):
+def jax_step_fn(model_dir, batch, ycfg=YCFG, features: bool = False):
     base = load_model(model_dir)
     cfg = RunConfig()
     cfg.loss.soft_temperature, cfg.loss.logits_chunk = TEMPERATURE, 32
-    model = Yoro(base.config, YCFG, jnp.float32)
-    trainable = init_trainable(YCFG, base.config, jax.random.key(0))
+    model = Yoro(base.config, ycfg, jnp.float32)
+    trainable = init_trainable(ycfg, base.config, jax.random.key(0), base.params)
     tx = make_optimizer(cfg, total_steps=1000)
     state = {"trainable": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0),
-             "rng": jax.random.key_data(jax.random.key(0))}  # fmt: skip
+             "rng": jax.random.key_data(jax.random.key(0)),
+             "tokens_seen": jnp.int32(0)}  # fmt: skip
     arrays = {k: jnp.asarray(v) for k, v in batch.items() if k != "prompt_len"}
-    opts = (("online", False), ("temperature", TEMPERATURE), ("ce_weight", 0.0), ("chunk", 32))
+    if features:  # what the teacher shards hold (computed once, outside the timed step)
+        frozen_features = jax.jit(model.frozen_features, static_argnums=3)
+        arrays |= frozen_features(base.params, arrays["tokens"], arrays["valid"],
+                                  batch["prompt_len"])  # fmt: skip
+    opts = (("online", False), ("temperature", TEMPERATURE), ("ce_weight", 0.0), ("chunk", 32),
+            ("hidden_weight", 0.0), ("hidden_loss", "mse"))  # fmt: skip
     holder = {"state": state}
 
     def step():
@@ -79,6 +92,22 @@ def jax_step_fn(model_dir, batch):
         return float(metrics["loss"])
 
     return step
+
+
+def teacher_prompts_per_s(model_dir, batch, new_tokens: int) -> float:
+    """The teacher answering the batch's prompts (greedy, recording the features)."""
+    base = load_model(model_dir)
+    n = base.config.num_hidden_layers
+    decoder = RecordingDecoder(base.config, jnp.float32, (2, 26, 27, 28, 29, n))
+    prompts = [row[v].tolist() for row, v in zip(batch["tokens"], batch["valid"], strict=True)]
+    prompts = [p[: len(p) - int(r)] for p, r in zip(prompts, batch["target_mask"].sum(1),
+                                                     strict=True)]  # fmt: skip
+
+    def run():
+        generate_tokens(decoder, base.params, prompts, max_new_tokens=new_tokens, eos_ids=[],
+                        pad_id=0, record_top_k=TOP_K)  # fmt: skip
+
+    return len(prompts) / time_steps(run, 1)
 
 
 # --------------------------------------------------------------------------- PyTorch side
@@ -179,20 +208,33 @@ def main() -> None:
     base_cfg = load_model(model_dir).config
     batch = synthetic_batch(args.batch, args.prompt_len, args.response_len, base_cfg.vocab_size)
     tokens = int(batch["valid"].sum())
+    responses = int(batch["target_mask"].sum())
     rows = []
     for name, make in (
-        ("yoro-jax (jit)", lambda: jax_step_fn(model_dir, batch)),
-        ("PyTorch + transformers", lambda: torch_step_fn(fetch_smollm2_gguf(), batch,
-                                                          args.threads)),
+        ("yoro-jax, stored features", lambda: jax_step_fn(model_dir, batch, features=True)),
+        ("yoro-jax, recompute", lambda: jax_step_fn(model_dir, batch)),
+        ("PyTorch + transformers (recompute)",
+         lambda: torch_step_fn(fetch_smollm2_gguf(), batch, args.threads)),
+        ("yoro-jax, preset exact, stored features",
+         lambda: jax_step_fn(model_dir, batch, EXACT, features=True)),
     ):  # fmt: skip
         seconds = time_steps(make(), args.steps)
-        rows.append([name, seconds * 1e3, tokens / seconds])
-    speedup = rows[1][1] / rows[0][1]
+        rows.append([name, seconds * 1e3, tokens / seconds, responses / seconds])
+    teacher = teacher_prompts_per_s(model_dir, batch, args.response_len)
+    torch_ms = rows[2][1]
     print(f"SmolLM2-135M float32 CPU, {jax.device_count()} XLA device(s); batch {args.batch}, "
           f"bucketed layout [B={args.batch}, P={batch['prompt_len']}, "
-          f"R={batch['targets'].shape[1]}], {tokens} real tokens per step")  # fmt: skip
-    print(markdown_table(["implementation", "ms / step", "tokens / s"], rows))
-    print(f"\nyoro-jax speedup: {speedup:.2f}x (goal >= 1.5x)")
+          f"R={batch['targets'].shape[1]}], {tokens} real tokens ({responses} response "
+          "positions) per step")  # fmt: skip
+    print(markdown_table(["implementation", "ms / step", "tokens / s", "training tokens / s"],
+                         rows))  # fmt: skip
+    print(f"\nteacher generation (batch {args.batch}, {args.response_len} new tokens, recording "
+          f"features): {teacher:.2f} prompts/s")  # fmt: skip
+    print(
+        f"result: stored_vs_torch={torch_ms / rows[0][1]:.2f} "
+        f"recompute_vs_torch={torch_ms / rows[1][1]:.2f} "
+        f"exact_stored_vs_torch={torch_ms / rows[3][1]:.2f} teacher_prompts_per_s={teacher:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,9 +20,15 @@ from yoro_jax.config import ConfigError
 from yoro_jax.yoro import load_yoro
 
 # The default variant on the smoke config, hidden-state loss on, features stored.
-EXACT = ["yoro.prompt_context=exact", "yoro.nets=residual", "yoro.compensation_init=reasoning",
-         "teacher.features=true", "loss.hidden_weight=1.0", "loss.soft_temperature=1.0",
-         *QUIET_EVAL]  # fmt: skip
+EXACT = [
+    "yoro.prompt_context=exact",
+    "yoro.nets=residual",
+    "yoro.compensation_init=reasoning",
+    "teacher.features=true",
+    "loss.hidden_weight=1.0",
+    "loss.soft_temperature=1.0",
+    *QUIET_EVAL,
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +61,12 @@ def test_stored_features_give_the_recompute_loss_and_gradients(exact_f32, tmp_pa
     run_dir, prep = exact_f32
     if variant == "reference":  # the same shards serve the reference context
         reuse_teacher_data(run_dir, tmp_path / "ref")
-        overrides = ["teacher.features=true", "teacher.feature_dtype=float32",
-                     "loss.hidden_weight=1", *QUIET_EVAL]  # fmt: skip
+        overrides = [
+            "teacher.features=true",
+            "teacher.feature_dtype=float32",
+            "loss.hidden_weight=1",
+            *QUIET_EVAL,
+        ]
         prep = prepare_run(smoke_config(tmp_path / "ref", *overrides))
     trainer = Trainer(prep)
     trainable = trainer.init_state()["trainable"]
@@ -75,8 +85,9 @@ def test_stored_features_give_the_recompute_loss_and_gradients(exact_f32, tmp_pa
     for key in ("kl", "hidden", "top1", "count"):
         np.testing.assert_allclose(stored[key], sums[key], rtol=1e-5, err_msg=key)
     np.testing.assert_allclose(stored_loss, loss, rtol=1e-5)
-    for (path, a), b in zip(jax.tree.flatten_with_path(stored_grads)[0],
-                            jax.tree.leaves(grads), strict=True):  # fmt: skip
+    for (path, a), b in zip(
+        jax.tree.flatten_with_path(stored_grads)[0], jax.tree.leaves(grads), strict=True
+    ):
         scale = float(jnp.abs(b).max())
         assert scale > 0, jax.tree_util.keystr(path)
         np.testing.assert_allclose(a, b, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
@@ -97,8 +108,10 @@ def test_bfloat16_features_change_the_loss_little(exact_f32, tmp_path):
     (loss32, _), _ = _loss_and_grads(trainer, trainable, *_batch(prep32))
     (loss16, _), _ = _loss_and_grads(trainer, trainable, *_batch(prep16))
     relative = abs(float(loss16) - float(loss32)) / float(loss32)
-    print(f"bfloat16 features: loss {float(loss16):.6f} vs float32 {float(loss32):.6f} "
-          f"(relative {relative:.2e})")  # fmt: skip
+    print(
+        f"bfloat16 features: loss {float(loss16):.6f} vs float32 {float(loss32):.6f} "
+        f"(relative {relative:.2e})"
+    )
     assert 0 < relative < 2e-2
 
 
@@ -116,8 +129,13 @@ def test_killed_feature_run_resumes_bitwise_equal(exact_f32, tmp_path):
     """SIGKILL mid-epoch (after the step-4 checkpoint, at step 5; 8 steps an epoch) and
     resume: the final nets equal an uninterrupted run's exactly."""
     source, _ = exact_f32
-    overrides = [*EXACT, "teacher.feature_dtype=float32", "train.max_steps=7",
-                 "checkpoint.every_steps=4", "train.log_every=1"]  # fmt: skip
+    overrides = [
+        *EXACT,
+        "teacher.feature_dtype=float32",
+        "train.max_steps=7",
+        "checkpoint.every_steps=4",
+        "train.log_every=1",
+    ]
     reuse_teacher_data(source, tmp_path / "straight")
     reference = train(smoke_config(tmp_path / "straight", *overrides))
     run_dir = tmp_path / "killed"
@@ -127,15 +145,17 @@ def test_killed_feature_run_resumes_bitwise_equal(exact_f32, tmp_path):
         command += ["--set", item]
     from train.trainer import KILL_ENV
 
-    killed = subprocess.run(command, cwd=ROOT, env={**os.environ, KILL_ENV: "5"},
-                            capture_output=True, text=True)  # fmt: skip
+    killed = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, KILL_ENV: "5"}, capture_output=True, text=True
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "from step 4" in resumed.stderr
     _, trainable, _ = load_yoro(run_dir / "export")
-    for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(reference["state"]["trainable"]),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(trainable), jax.tree.leaves(reference["state"]["trainable"]), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("hidden" in r for r in rows if r["split"] == "train")

@@ -320,6 +320,8 @@ def train_step(
         "opt_state": opt_state,
         "step": state["step"] + 1,
         "rng": state["rng"],
+        # response positions trained on so far (the x-axis of agreement vs data)
+        "tokens_seen": state["tokens_seen"] + jnp.sum(batch["target_mask"], dtype=jnp.int32),
     }
     if routed:
         new_state["baseline"] = router_metrics["baseline"]
@@ -475,6 +477,7 @@ class Trainer:
             "trainable": trainable,
             "opt_state": self.tx.init(trainable),
             "step": jnp.int32(0),
+            "tokens_seen": jnp.int32(0),
             "rng": jax.random.key_data(rng),
         }
         if self.routed:  # REINFORCE's moving-average reward baseline
@@ -541,14 +544,16 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         return rows
 
-    def validate(self, trainable: Params, step: int, log: MetricsLog, best: dict) -> None:
+    def validate(
+        self, trainable: Params, step: int, log: MetricsLog, best: dict, tokens_seen: int = 0
+    ) -> None:
         metrics = self.evaluate(trainable)
         if not metrics:
             return
         scalars = {k: v for k, v in metrics.items() if k != "layer_skip_rate"}
         for index, rate in enumerate(metrics.get("layer_skip_rate", [])):
             scalars[f"skip_rate/layer_{index:02d}"] = rate
-        log.write(step, "val", scalars)
+        log.write(step, "val", scalars | {"tokens_seen": tokens_seen})
         rows = self.samples(trainable, step)
         routed = (f"  reasoning layers {metrics['reasoning_layers']:.2f}"
                   if "reasoning_layers" in metrics else "")  # fmt: skip
@@ -635,7 +640,8 @@ class Trainer:
                               "time": time.perf_counter()}  # fmt: skip
                 paused = time.perf_counter()  # validation and saving don't count as training
                 if step % cfg.eval.every_steps == 0 and step != self.total_steps:
-                    self.validate(state["trainable"], step, log, best)
+                    self.validate(state["trainable"], step, log, best,
+                                  int(state["tokens_seen"]))  # fmt: skip
                 if step % cfg.checkpoint.every_steps == 0 or step == self.total_steps:
                     self.save(manager, step, state, iterator)
                 window["time"] += time.perf_counter() - paused
@@ -644,7 +650,7 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
             manager.wait_until_finished()
             if step == self.total_steps and start_step < self.total_steps:
-                self.validate(state["trainable"], step, log, best)
+                self.validate(state["trainable"], step, log, best, int(state["tokens_seen"]))
         finally:
             progress.close()
             manager.close()

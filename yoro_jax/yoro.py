@@ -474,7 +474,9 @@ class Yoro:
             "e_prompt": e[:, :prompt_len],
             "r_prompt": r[:, :prompt_len],
             "e_response": e[:, prompt_len:],
-            "prompt_states": jnp.stack([s[:, :prompt_len] for s in states], axis=1),
+            "prompt_states": jnp.stack([s[:, :prompt_len] for s in states], axis=1)
+            if states
+            else jnp.zeros((e.shape[0], 0, prompt_len, e.shape[2]), e.dtype),
             "h_first": h[:, prompt_len - 1],
             "teacher_hidden": r[:, prompt_len:],
         }
