@@ -1,5 +1,5 @@
 """Does a gated-off reasoning layer cost nothing? Time of the one reasoning pass vs the
-number of reasoning layers some prompt of the batch needs (DESIGN §5).
+number of reasoning layers some prompt of the batch needs (docs/DESIGN.md §5).
 
     python -m benchmarks.router_skip [--model DIR] [--batch 8] [--prompt-len 128]
 

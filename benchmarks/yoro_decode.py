@@ -1,4 +1,4 @@
-"""YORO vs full-model decode throughput, next to the bytes-read prediction (DESIGN §3).
+"""YORO vs full-model decode throughput, next to the bytes-read prediction (docs/DESIGN.md §3).
 
     python -m benchmarks.yoro_decode [--model DIR] [--new-tokens 128] [--batch 1 8]
 

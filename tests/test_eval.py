@@ -80,7 +80,7 @@ def direct_full(cfg, params, ctx, cont) -> tuple[float, bool]:
 
 
 def direct_yoro(model: Yoro, frozen, trainable, ctx, cont) -> float:
-    """DESIGN §6: prompt = context, response = continuation, one teacher-forcing pass."""
+    """docs/DESIGN.md §6: prompt = context, response = continuation, one teacher-forcing pass."""
     logprobs = _yoro_logprobs(model, frozen, trainable, _one_row(ctx + cont), len(ctx))
     return _picked(logprobs, ctx, cont)[0]
 

@@ -1,4 +1,4 @@
-"""Routers (DESIGN §5): gates, estimators, real layer skipping, equivalences, training."""
+"""Routers (docs/DESIGN.md §5): gates, estimators, real layer skipping, equivalences, training."""
 
 from __future__ import annotations
 

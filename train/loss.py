@@ -15,7 +15,7 @@ import optax
 
 
 def sparse_kl(logits, top_ids, top_logprobs, temperature: float) -> jax.Array:
-    """KL(p || q) per position on the teacher's top-k ids (DESIGN §4).
+    """KL(p || q) per position on the teacher's top-k ids (docs/DESIGN.md §4).
 
     p_i ∝ exp(logp_i / T) over the top-k; q = student softmax over the full vocabulary.
     """

@@ -1,4 +1,4 @@
-"""Router training terms (DESIGN §5): compute penalty, skip-rate target, entropy bonus,
+"""Router training terms (docs/DESIGN.md §5): compute penalty, skip-rate target, entropy bonus,
 and the policy gradient for routers that sample (REINFORCE).
 
 The objective is chosen by what the router returns, not by its name: a router that

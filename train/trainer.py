@@ -1,4 +1,4 @@
-"""Distillation training (DESIGN §4): grain loader -> jitted optax step -> orbax checkpoints.
+"""Distillation training (docs/DESIGN.md §4): grain loader -> jitted optax step -> orbax checkpoints.
 
 Run directory layout::
 

@@ -1,6 +1,6 @@
 """Batch layouts with static shapes: left-padded prompts, and prompt|response pairs.
 
-The prompt|response layout (DESIGN §3 "Batches") right-aligns every prompt to a common
+The prompt|response layout (docs/DESIGN.md §3.1) right-aligns every prompt to a common
 boundary P and left-aligns every response after it, so one static P serves the whole
 batch while each sequence keeps its own exact prompt boundary::
 

@@ -1,4 +1,4 @@
-"""Routers: which reasoning layers the one reasoning pass runs (DESIGN §5).
+"""Routers: which reasoning layers the one reasoning pass runs (docs/DESIGN.md §5).
 
 A router reads the embedding block's output ``e [B, P, d]`` over the prompt and gives a
 gate per reasoning layer -- per sequence (``[B, R]``, pooled over real prompt tokens) or

@@ -1,4 +1,4 @@
-"""lm-eval backend ``yoro-jax``: the JAX model, full or YORO, driven in-process (DESIGN §6).
+"""lm-eval backend ``yoro-jax``: the JAX model, full or YORO, driven in-process (docs/DESIGN.md §6).
 
     lm_eval --model yoro-jax --model_args model=DIR,yoro=RUN_OR_NETS,mode=yoro ...
 

@@ -1,4 +1,4 @@
-"""Batched continuation scoring (DESIGN §6), the same code for the full model and YORO.
+"""Batched continuation scoring (docs/DESIGN.md §6), the same code for the full model and YORO.
 
 A request is ``(context tokens, continuation tokens)``. Scoring runs a model's
 :class:`~yoro_jax.generate.Decoder` exactly as generation would, teacher-forced:
