@@ -73,11 +73,27 @@ def smollm2_yoro(smollm2):
     return Yoro(smollm2.config, ycfg), init_trainable(ycfg, smollm2.config, jax.random.key(0))
 
 
-def test_yoro_reason_once_generation_equals_teacher_forcing(smollm2, smollm2_yoro, chat_ids):
+@pytest.fixture(scope="module", params=["reference", "exact"])
+def smollm2_variant(request, smollm2, smollm2_yoro):
+    """Untrained nets of each preset; the exact preset's zero-initialised nets are
+    perturbed so that every path is non-trivial."""
+    from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
+
+    if request.param == "reference":
+        return smollm2_yoro
+    ycfg = YoroConfig.preset("exact")
+    trainable = init_trainable(ycfg, smollm2.config, jax.random.key(0), smollm2.params)
+    leaves, tree = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    noisy = [a + 0.01 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    return Yoro(smollm2.config, ycfg), jax.tree.unflatten(tree, noisy)
+
+
+def test_yoro_reason_once_generation_equals_teacher_forcing(smollm2, smollm2_variant, chat_ids):
     from yoro_jax.batch import prompt_response_layout
     from yoro_jax.yoro import YoroDecoder
 
-    model, trainable = smollm2_yoro
+    model, trainable = smollm2_variant
     params = (smollm2.params, trainable)
     completions = generate_tokens(
         YoroDecoder(model), params, chat_ids, max_new_tokens=16, eos_ids=[], pad_id=0

@@ -1,4 +1,4 @@
-"""Distillation training (docs/DESIGN.md §4): grain loader -> jitted optax step -> orbax checkpoints.
+"""Distillation training (docs/DESIGN.md §4): grain loader -> jitted optax step -> orbax.
 
 Run directory layout::
 

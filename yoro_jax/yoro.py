@@ -680,6 +680,8 @@ def param_summary(model: Yoro, frozen: Params, trainable: Params) -> dict[str, i
         (ycfg.embedding_layers + ycfg.coherence_layers) * per_layer
         + count(trainable["compensation"])
         + count(trainable["concatenation"])
+        # residual nets run the adaptation net on every token (the reference: Adapt(0))
+        + (count(trainable["adaptation"]) if ycfg.nets == "residual" else 0)
         + final
     )
     return {
