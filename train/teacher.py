@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -166,12 +167,21 @@ def generate_teacher_data(
             writer.close()
             partial.replace(path)
     progress.close()
+    seconds = time.perf_counter() - started
+    report = {"prompts": todo, "seconds": round(seconds, 1), "prompts_per_s": todo / seconds,
+              "tokens_per_s": new_tokens / seconds, "response_tokens": new_tokens,
+              "bytes": sum(p.stat().st_size for ps in paths.values() for p in ps)}  # fmt: skip
+    (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"teacher: {todo} prompts in {seconds:.0f} s ({report['prompts_per_s']:.2f} prompts/s, "
+          f"{report['tokens_per_s']:.0f} answer tokens/s); {report['bytes'] / 2**20:.0f} MiB of "
+          f"shards, {report['bytes'] / max(new_tokens, 1) / 1024:.1f} KiB per answer token"
+          + (f" (frozen features in {cfg.teacher.feature_dtype})" if cfg.teacher.features else ""),
+          file=sys.stderr)  # fmt: skip
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     from train.trainer import prepare_run
 

@@ -581,6 +581,9 @@ class Trainer:
         best = json.loads(best_path.read_text())["val"] if best_path.is_file() else {}
         kill_after = int(os.environ.get(KILL_ENV, "0"))
         if start_step == 0:
+            teacher = self.run_dir / "teacher" / "throughput.json"
+            if teacher.is_file():  # how fast this run's teacher data was made
+                log.write(0, "teacher", json.loads(teacher.read_text()))
             self.validate(state["trainable"], 0, log, best)
 
         progress = tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step")
