@@ -65,7 +65,7 @@ def time_steps(step, n: int) -> float:
 
 
 # ------------------------------------------------------------------------------- JAX side
-def jax_step_fn(model_dir, batch, ycfg=YCFG, features: bool = False):
+def jax_step_fn(model_dir, batch, ycfg=YCFG, features: bool = False, remat_logits=True):
     base = load_model(model_dir)
     cfg = RunConfig()
     cfg.loss.soft_temperature, cfg.loss.logits_chunk = TEMPERATURE, 32
@@ -81,7 +81,8 @@ def jax_step_fn(model_dir, batch, ycfg=YCFG, features: bool = False):
         arrays |= frozen_features(base.params, arrays["tokens"], arrays["valid"],
                                   batch["prompt_len"])  # fmt: skip
     opts = (("online", False), ("temperature", TEMPERATURE), ("ce_weight", 0.0), ("chunk", 32),
-            ("hidden_weight", 0.0), ("hidden_loss", "mse"))  # fmt: skip
+            ("hidden_weight", 0.0), ("hidden_loss", "mse"),
+            ("remat_logits", remat_logits))  # fmt: skip
     holder = {"state": state}
 
     def step():
@@ -217,6 +218,10 @@ def main() -> None:
          lambda: torch_step_fn(fetch_smollm2_gguf(), batch, args.threads)),
         ("yoro-jax, preset exact, stored features",
          lambda: jax_step_fn(model_dir, batch, EXACT, features=True)),
+        ("yoro-jax, stored features, logits kept (remat_logits: false)",
+         lambda: jax_step_fn(model_dir, batch, features=True, remat_logits=False)),
+        ("yoro-jax, preset exact, stored features, logits kept",
+         lambda: jax_step_fn(model_dir, batch, EXACT, features=True, remat_logits=False)),
     ):  # fmt: skip
         seconds = time_steps(make(), args.steps)
         rows.append([name, seconds * 1e3, tokens / seconds, responses / seconds])
@@ -233,7 +238,10 @@ def main() -> None:
     print(
         f"result: stored_vs_torch={torch_ms / rows[0][1]:.2f} "
         f"recompute_vs_torch={torch_ms / rows[1][1]:.2f} "
-        f"exact_stored_vs_torch={torch_ms / rows[3][1]:.2f} teacher_prompts_per_s={teacher:.2f}"
+        f"exact_stored_vs_torch={torch_ms / rows[3][1]:.2f} "
+        f"stored_kept_vs_torch={torch_ms / rows[4][1]:.2f} "
+        f"exact_stored_kept_vs_torch={torch_ms / rows[5][1]:.2f} "
+        f"teacher_prompts_per_s={teacher:.2f}"
     )
 
 

@@ -73,6 +73,7 @@ class LossSection:
     hidden_weight: float = 0.0  # match z to the full model's coherence-block input
     hidden_loss: str = "mse"  # mse | smoothl1, both on RMS-normalised differences
     logits_chunk: int = 64  # response positions per chunk of LM-head + loss
+    remat_logits: bool = True  # recompute chunk logits in the backward pass (memory for time)
 
 
 @dataclasses.dataclass

@@ -175,7 +175,8 @@ def generate_teacher_data(
     print(f"teacher: {todo} prompts in {seconds:.0f} s ({report['prompts_per_s']:.2f} prompts/s, "
           f"{report['tokens_per_s']:.0f} answer tokens/s); {report['bytes'] / 2**20:.0f} MiB of "
           f"shards, {report['bytes'] / max(new_tokens, 1) / 1024:.1f} KiB per answer token"
-          + (f" (frozen features in {cfg.teacher.feature_dtype})" if cfg.teacher.features else ""),
+          + (f" (frozen features in {cfg.teacher.feature_dtype})"
+             if cfg.teacher.features and set(FEATURE_SPLITS) & set(splits) else ""),
           file=sys.stderr)  # fmt: skip
     return paths
 

@@ -216,6 +216,7 @@ def row_sums(
     chunk: int,
     hidden_weight: float = 0.0,
     hidden_loss: str = "mse",
+    remat_logits: bool = True,
     **routing_args: Any,
 ) -> tuple[dict[str, jax.Array], Any]:
     """Per-row sums [B] of the loss terms over valid response positions, and the routing
@@ -243,6 +244,7 @@ def row_sums(
     sums = chunked_sums(
         lambda h: model.logits(frozen, h), hidden, batch, temperature=temperature,
         ce_weight=ce_weight, chunk=chunk, teacher_hidden=teacher_hidden if online else None,
+        remat=remat_logits,
     )  # fmt: skip
     if hidden_weight:
         target = batch.get("teacher_hidden", teacher_z)
@@ -464,6 +466,7 @@ class Trainer:
             ("online", cfg.loss.mode == "online"), ("temperature", cfg.loss.soft_temperature),
             ("ce_weight", cfg.loss.ce_weight), ("chunk", cfg.loss.logits_chunk),
             ("hidden_weight", cfg.loss.hidden_weight), ("hidden_loss", cfg.loss.hidden_loss),
+            ("remat_logits", cfg.loss.remat_logits),
         )  # fmt: skip
         val = data_lib.TeacherRecords(prepared.shards["val"]) if prepared.shards["val"] else []
         self.val_examples = [val[i] for i in range(len(val))]
