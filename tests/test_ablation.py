@@ -78,3 +78,35 @@ def test_evaluate_cli_reports_agreement_by_position_and_repetition(smoke_run, tm
         "after (export)",
         "after (best)",
     }
+
+
+def test_splits_driver_reports_agreement_and_speed_per_split(tmp_path, capsys):
+    from train import splits
+
+    out = tmp_path / "splits"
+    code = splits.main(
+        [
+            "--config",
+            str(SMOKE),
+            "--splits",
+            "1,1,1",
+            "2,1,1",
+            "--prompts",
+            "40",
+            "--steps",
+            "2",
+            "--new-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "splits.json").read_text())
+    assert [r["split"] for r in results] == [[1, 1, 1], [2, 1, 1]]
+    assert [r["layers_per_token"] for r in results] == [3, 4]
+    assert all(r["speedup"] > 0 and 0 <= r["val"]["top1"] <= 1 for r in results)
+    assert (out / "splits.png").stat().st_size > 1000
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("result: E1C1Lc1_top1=")

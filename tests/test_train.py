@@ -333,3 +333,32 @@ def test_generate_cli_finds_the_base_from_the_exported_nets(smoke_run, capsys):
     assert "[yoro: 3 decoder layers per generated token]" in captured.err
     assert main(["--prompt", "hi"]) == 2
     assert "give --model DIR" in capsys.readouterr().err
+
+
+def test_keeping_the_logits_gives_the_recomputed_loss_and_gradients(tiny):
+    """loss.remat_logits only trades memory for one head matmul: same loss, same grads."""
+    base, model, trainable = tiny
+    examples = _examples(np.random.RandomState(2), base.config.vocab_size, 5, [(7, 9), (12, 16)])
+    batch = data_lib.collate(examples, pad_id=0, top_k=5)
+    arrays = {k: jnp.asarray(v) for k, v in batch.items() if k != "prompt_len"}
+
+    def loss(t, remat):
+        sums = loss_sums(
+            model,
+            base.params,
+            t,
+            arrays,
+            batch["prompt_len"],
+            online=False,
+            temperature=1.0,
+            ce_weight=0.5,
+            chunk=8,
+            remat_logits=remat,
+        )
+        return (sums["kl"] + 0.5 * sums["ce"]) / sums["count"]
+
+    kept, kept_grads = jax.value_and_grad(loss)(trainable, False)
+    remat, remat_grads = jax.value_and_grad(loss)(trainable, True)
+    np.testing.assert_allclose(kept, remat, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(kept_grads), jax.tree.leaves(remat_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

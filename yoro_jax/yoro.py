@@ -303,12 +303,6 @@ class Yoro:
         module = _mlp_module(self.ycfg, self.ycfg.concatenation_layers)
         return module.apply({"params": trainable["concatenation"]}, x)
 
-    @property
-    def num_prompt_states(self) -> int:
-        """How many prompt states the exact context keeps: one per compensation and
-        coherence layer (0 for the reference context)."""
-        return self.ycfg.compensation_layers + self.ycfg.coherence_layers if self.ycfg.exact else 0
-
     def reason(
         self,
         frozen: Params,
