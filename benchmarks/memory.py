@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     trainable = jax.eval_shape(lambda: init_trainable(ycfg, cfg, jax.random.key(0)))
     state = {"trainable": trainable, "opt_state": jax.eval_shape(tx.init, trainable),
              "step": jax.ShapeDtypeStruct((), jnp.int32),
-             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}  # fmt: skip
+             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+             "tokens_seen": jax.ShapeDtypeStruct((), jnp.int32)}  # fmt: skip
     b, p, r, k = args.batch, args.prompt, args.response, 8
     sds = jax.ShapeDtypeStruct
     batch = {"tokens": sds((b, p + r), jnp.int32), "valid": sds((b, p + r), bool),
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
              "top_ids": sds((b, r, k), jnp.int32),
              "top_logprobs": sds((b, r, k), jnp.float32)}  # fmt: skip
     loss_opts = (("online", False), ("temperature", 1.0), ("ce_weight", 0.0),
-                 ("chunk", args.chunk))  # fmt: skip
+                 ("chunk", args.chunk), ("hidden_weight", 0.0), ("hidden_loss", "mse"),
+                 ("remat_logits", True))  # fmt: skip
     lowered = train_step.lower(model, frozen, state, batch, tx=tx, prompt_len=p,
                                loss_opts=loss_opts)  # fmt: skip
     analysis = lowered.compile().memory_analysis()

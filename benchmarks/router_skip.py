@@ -56,7 +56,7 @@ def main() -> None:
             gates[row, layers] = rng.rand(needed) < 0.7
         gates[0, layers] = 1.0  # row 0 needs them all: the batch needs exactly `needed`
         device_gates = jnp.asarray(gates)
-        times = {skip: best_of(lambda p=p, g=device_gates: p(g).block_until_ready(),
+        times = {skip: best_of(lambda p=p, g=device_gates: p(g)[0].block_until_ready(),
                                args.repeats) for skip, p in programs.items()}  # fmt: skip
         base = base or times
         rows.append([needed, f"{num}", f"{1e3 * times[True]:.1f}", f"{1e3 * times[False]:.1f}",
