@@ -8,5 +8,6 @@ python -m train.evaluate --run runs/smollm2-cpu --prompts ../shared/data/self_in
     --format self-instruct --limit 64 --generations 16 --samples 3 --out logs/evaluate-main.json > logs/evaluate-main.log 2>&1
 python -m train.ablation --config configs/smollm2-cpu.yaml --teacher-from runs/smollm2-cpu \
     --out runs/ablation --steps 160 > logs/ablation.log 2>&1
-python -m train.splits --config configs/smollm2-cpu.yaml --splits 2,2,2 2,2,4 4,4,2 \
-    --prompts 320 --steps 120 --out runs/splits > logs/splits.log 2>&1
+# (the splits run, python -m train.splits ..., was dropped this session for time)
+python -m benchmarks.feature_precision --run runs/smollm2-cpu --batches 4 > logs/feature_precision.log 2>&1
+python -m benchmarks.train_step --steps 3 > logs/train_step.log 2>&1
