@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks.common import markdown_table, tree_bytes
-from train.trainer import train_step
+from train.config import LossSection
+from train.trainer import loss_options, train_step
 from yoro_jax.config import LlamaConfig
 from yoro_jax.llama import init_params
 from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
@@ -80,9 +81,7 @@ def main(argv: list[str] | None = None) -> None:
              "targets": sds((b, r), jnp.int32), "target_mask": sds((b, r), bool),
              "top_ids": sds((b, r, k), jnp.int32),
              "top_logprobs": sds((b, r, k), jnp.float32)}  # fmt: skip
-    loss_opts = (("online", False), ("temperature", 1.0), ("ce_weight", 0.0),
-                 ("chunk", args.chunk), ("hidden_weight", 0.0), ("hidden_loss", "mse"),
-                 ("remat_logits", True))  # fmt: skip
+    loss_opts = loss_options(LossSection(soft_temperature=1.0, logits_chunk=args.chunk))
     lowered = train_step.lower(model, frozen, state, batch, tx=tx, prompt_len=p,
                                loss_opts=loss_opts)  # fmt: skip
     analysis = lowered.compile().memory_analysis()

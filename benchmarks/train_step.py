@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import default_model_dir, markdown_table
-from train.config import RunConfig
+from train.config import LossSection, RunConfig
 from train.data import collate
-from train.trainer import make_optimizer, train_step
+from train.trainer import loss_options, make_optimizer, train_step
 from yoro_jax.checkpoint import load_model
 from yoro_jax.generate import RecordingDecoder, generate_tokens
 from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
@@ -80,9 +80,8 @@ def jax_step_fn(model_dir, batch, ycfg=YCFG, features: bool = False, remat_logit
         frozen_features = jax.jit(model.frozen_features, static_argnums=3)
         arrays |= frozen_features(base.params, arrays["tokens"], arrays["valid"],
                                   batch["prompt_len"])  # fmt: skip
-    opts = (("online", False), ("temperature", TEMPERATURE), ("ce_weight", 0.0), ("chunk", 32),
-            ("hidden_weight", 0.0), ("hidden_loss", "mse"),
-            ("remat_logits", remat_logits))  # fmt: skip
+    opts = loss_options(LossSection(soft_temperature=TEMPERATURE, logits_chunk=32,
+                                    remat_logits=remat_logits))  # fmt: skip
     holder = {"state": state}
 
     def step():

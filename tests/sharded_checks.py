@@ -16,16 +16,17 @@ import jax
 import numpy as np
 import optax
 
+from train.config import LossSection
 from train.data import collate
 from train.tiny import tiny_random_model
-from train.trainer import train_step
+from train.trainer import loss_options, train_step
 from yoro_jax.eval.scoring import score_pairs
 from yoro_jax.generate import LlamaDecoder, generate_tokens
 from yoro_jax.sharding import MeshConfig, make_mesh, shard_batch, shard_params
 from yoro_jax.yoro import Yoro, YoroConfig, YoroDecoder, init_trainable
 
 MESHES = [(8, 1), (4, 2), (2, 4)]
-LOSS_OPTS = (("online", False), ("temperature", 1.0), ("ce_weight", 0.5), ("chunk", 8))
+LOSS_OPTS = loss_options(LossSection(soft_temperature=1.0, ce_weight=0.5, logits_chunk=8))
 
 
 def synthetic_batch(vocab: int, rows: int = 8, top_k: int = 4) -> dict:
@@ -66,7 +67,7 @@ def main() -> dict:
     def fresh_state():  # host copies: train_step donates (deletes) the state it is given
         host = jax.tree.map(np.array, trainable)
         return jax.tree.map(np.array, {"trainable": host, "opt_state": tx.init(host),
-                                       "step": np.int32(0),
+                                       "step": np.int32(0), "tokens_seen": np.int32(0),
                                        "rng": jax.random.key_data(jax.random.key(1))})  # fmt: skip
 
     step = dict(model=model, tx=tx, prompt_len=prompt_len, loss_opts=LOSS_OPTS)

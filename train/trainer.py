@@ -34,7 +34,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from train import data as data_lib
-from train.config import RunConfig, load_config, to_dict
+from train.config import LossSection, RunConfig, load_config, to_dict
 from train.loss import chunked_sums, hidden_match
 from train.routing import router_objective, temperature_at
 from yoro_jax.checkpoint import Model, load_model, resolve_dtype, write_model_dir
@@ -256,6 +256,16 @@ def row_sums(
     return sums, routing
 
 
+def loss_options(loss: LossSection) -> tuple[tuple[str, Any], ...]:
+    """The train step's static loss options (hashable) from the config's loss section."""
+    return (
+        ("online", loss.mode == "online"), ("temperature", loss.soft_temperature),
+        ("ce_weight", loss.ce_weight), ("chunk", loss.logits_chunk),
+        ("hidden_weight", loss.hidden_weight), ("hidden_loss", loss.hidden_loss),
+        ("remat_logits", loss.remat_logits),
+    )  # fmt: skip
+
+
 def loss_sums(model, frozen, trainable, batch, prompt_len, **opts) -> dict[str, jax.Array]:
     """Sums of the loss terms over the batch's valid response positions."""
     sums, _ = row_sums(model, frozen, trainable, batch, prompt_len, **opts)
@@ -462,12 +472,7 @@ class Trainer:
         self.routed = self.model.router is not None
         self.tx = make_optimizer(cfg, self.total_steps)
         self.schedule = lr_schedule(cfg, self.total_steps)  # for logging the learning rate
-        self.loss_opts = (
-            ("online", cfg.loss.mode == "online"), ("temperature", cfg.loss.soft_temperature),
-            ("ce_weight", cfg.loss.ce_weight), ("chunk", cfg.loss.logits_chunk),
-            ("hidden_weight", cfg.loss.hidden_weight), ("hidden_loss", cfg.loss.hidden_loss),
-            ("remat_logits", cfg.loss.remat_logits),
-        )  # fmt: skip
+        self.loss_opts = loss_options(cfg.loss)
         val = data_lib.TeacherRecords(prepared.shards["val"]) if prepared.shards["val"] else []
         self.val_examples = [val[i] for i in range(len(val))]
         self._full_answers = None  # the teacher's sample answers never change: made once
