@@ -70,9 +70,9 @@ def feature_depths(cfg: RunConfig, base: Any) -> tuple[int, ...]:
     return (y.embedding_layers, coherence_input, *exact, n)
 
 
-def feature_record(completion: Any, depths: tuple[int, ...], cfg: RunConfig, dtype) -> dict:
+def feature_record(completion: Any, cfg: RunConfig, dtype) -> dict:
     """One example's frozen features (see ``Yoro.frozen_features``) from the states the
-    teacher recorded while answering."""
+    teacher recorded while answering at :func:`feature_depths`."""
     y = cfg.yoro
     n_prompt_states = y.compensation_layers + y.coherence_layers
     prompt, response = completion.prompt_states, completion.response_states
@@ -121,8 +121,7 @@ def generate_teacher_data(
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
 
     decoder = LlamaDecoder(base.config, base.params["embed"].dtype)
-    depths = feature_depths(cfg, base)
-    recording = RecordingDecoder(base.config, base.params["embed"].dtype, depths)
+    recording = RecordingDecoder(base.config, base.params["embed"].dtype, feature_depths(cfg, base))
     feature_dtype = ml_dtypes.bfloat16 if cfg.teacher.feature_dtype == "bfloat16" else np.float32
     eos, pad = special_ids(base.config, base.tokenizer)
     size = cfg.teacher.shard_size
@@ -150,7 +149,7 @@ def generate_teacher_data(
                     record_top_k=cfg.teacher.top_k,
                 )  # fmt: skip
                 for i, c in zip(rows, completions, strict=True):
-                    f = feature_record(c, depths, cfg, feature_dtype) if features else {}
+                    f = feature_record(c, cfg, feature_dtype) if features else {}
                     records[i] = serialize({
                         "prompt": np.asarray(shard[i], np.int32),
                         "response": np.asarray(c.tokens, np.int32),

@@ -78,21 +78,27 @@ class LlamaDecoder:
     cfg: LlamaConfig
     dtype: Any = jnp.float32
 
+    def init_caches(self, batch: int, length: int) -> Any:
+        return llama.init_cache(self.cfg, self.cfg.num_hidden_layers, batch, length, self.dtype)
+
+    def run(self, params: Params, x, rope, mask, caches, slot):
+        """All N layers over x at slots [slot, slot+T) -> (hidden, caches)."""
+        return llama.run_layers(self.cfg, params["layers"], x, rope, mask, caches, slot)
+
     def prefill(self, params: Params, tokens, valid, kv_valid):
         cfg, (batch, prompt_len) = self.cfg, tokens.shape
-        caches = llama.init_cache(cfg, cfg.num_hidden_layers, batch, kv_valid.shape[1], self.dtype)
+        caches = self.init_caches(batch, kv_valid.shape[1])
         x = llama.embed_tokens(params, tokens, self.dtype)
         rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
         mask = llama.attention_mask(kv_valid, 0, prompt_len)
-        x, caches = llama.run_layers(cfg, params["layers"], x, rope, mask, caches, 0)
+        x, caches = self.run(params, x, rope, mask, caches, 0)
         return self.head(params, x[:, -1]), caches
 
     def extend(self, params: Params, caches, tokens, positions, kv_valid, slot):
-        cfg = self.cfg
         x = llama.embed_tokens(params, tokens, self.dtype)
-        rope = llama.rope_tables(cfg, positions)
+        rope = llama.rope_tables(self.cfg, positions)
         mask = llama.attention_mask(kv_valid, slot, tokens.shape[1])
-        return llama.run_layers(cfg, params["layers"], x, rope, mask, caches, slot)
+        return self.run(params, x, rope, mask, caches, slot)
 
     def head(self, params: Params, hidden):
         return llama.head(self.cfg, params, hidden)
@@ -113,7 +119,11 @@ class RecordingDecoder(LlamaDecoder):
 
     depths: tuple[int, ...] = ()
 
-    def _run(self, params, x, rope, mask, caches, slot):
+    def init_caches(self, batch: int, length: int) -> Any:
+        states = jnp.zeros((batch, len(self.depths), length, self.cfg.hidden_size), self.dtype)
+        return {"layers": super().init_caches(batch, length), "states": states}
+
+    def run(self, params: Params, x, rope, mask, caches, slot):
         n = self.cfg.num_hidden_layers
         layers, states = list(caches["layers"]), caches["states"]
 
@@ -132,24 +142,6 @@ class RecordingDecoder(LlamaDecoder):
                 self.cfg, params["layers"][start:stop], x, rope, mask, layers[start:stop], slot
             )
         return x, {"layers": layers, "states": record(states, n, x)}
-
-    def prefill(self, params: Params, tokens, valid, kv_valid):
-        cfg, (batch, prompt_len), length = self.cfg, tokens.shape, kv_valid.shape[1]
-        caches = {
-            "layers": llama.init_cache(cfg, cfg.num_hidden_layers, batch, length, self.dtype),
-            "states": jnp.zeros((batch, len(self.depths), length, cfg.hidden_size), self.dtype),
-        }
-        x = llama.embed_tokens(params, tokens, self.dtype)
-        rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
-        mask = llama.attention_mask(kv_valid, 0, prompt_len)
-        x, caches = self._run(params, x, rope, mask, caches, 0)
-        return self.head(params, x[:, -1]), caches
-
-    def extend(self, params: Params, caches, tokens, positions, kv_valid, slot):
-        x = llama.embed_tokens(params, tokens, self.dtype)
-        rope = llama.rope_tables(self.cfg, positions)
-        mask = llama.attention_mask(kv_valid, slot, tokens.shape[1])
-        return self._run(params, x, rope, mask, caches, slot)
 
     def recorded(self, caches) -> jax.Array:
         """[B, len(depths), S, d] recorded states (zeros at slots never computed)."""
