@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.smollm2 import converted_smollm2
+from yoro_jax.models import model_dir
 from yoro_jax.report import markdown_table  # noqa: F401  (re-exported for the scripts)
 
 # Chat prompts the decode benchmarks answer (row i of a batch gets prompt i).
@@ -29,7 +29,7 @@ PROMPTS = [
 
 def default_model_dir() -> Path:
     """SmolLM2 converted into the yoro-jax cache (converted on first use)."""
-    return converted_smollm2("float32")
+    return model_dir("smollm2")
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:

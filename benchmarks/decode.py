@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
 
-    from convert.smollm2 import fetch_smollm2_gguf
+    from yoro_jax.convert.smollm2 import fetch_smollm2_gguf
 
     model_dir = args.model or default_model_dir()
     model = load_model(model_dir)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import default_model_dir, markdown_table
-from convert.smollm2 import fetch_smollm2_gguf
+from yoro_jax.convert.smollm2 import fetch_smollm2_gguf
 from yoro_jax.eval import TASKS_DIR
 
 METRICS = {"yoro_mc": "acc,none", "yoro_qa": "exact_match,strip", "yoro_text": "bits_per_byte,none"}

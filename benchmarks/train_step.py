@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
 
-    from convert.smollm2 import fetch_smollm2_gguf
+    from yoro_jax.convert.smollm2 import fetch_smollm2_gguf
 
     model_dir = default_model_dir()
     base_cfg = load_model(model_dir).config

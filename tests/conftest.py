@@ -25,6 +25,18 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 QUIET_EVAL = ["eval.sample_prompts=[]", "eval.every_steps=1000"]
 
 
+# The fast tier (`pytest -m "not slow"`, the inner loop) leaves out the tests on the real
+# model, those that share the smoke training run, and the ones marked slow by hand.
+SLOW_FIXTURES = {"smollm2", "smollm2_dir", "smollm2_hf", "smollm2_gguf", "smoke_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("smollm2") or uses & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_hf_config(**overrides):
     from transformers import LlamaConfig as HFLlamaConfig
 
@@ -62,8 +74,8 @@ def tiny_hf_model(seed: int = 0, **overrides):
 
 def params_from_hf(model):
     """Our config + params from an in-memory HF model (through the converter's mapping)."""
-    from convert.mapping import hf_to_params
     from yoro_jax.config import LlamaConfig
+    from yoro_jax.convert.mapping import hf_to_params
 
     cfg = LlamaConfig.from_hf_dict(model.config.to_dict())
     tensors = ((k, v.detach().float().numpy()) for k, v in model.state_dict().items())
@@ -105,7 +117,7 @@ def cached_logits(decoder, params, prompts, continuations, width):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from convert.smollm2 import fetch_smollm2_gguf
+    from yoro_jax.convert.smollm2 import fetch_smollm2_gguf
 
     return fetch_smollm2_gguf()
 
@@ -113,7 +125,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2 converted from its GGUF (reuses YORO_JAX_TEST_MODEL if it points at one)."""
-    from convert.core import convert
+    from yoro_jax.convert.core import convert
 
     existing = os.environ.get("YORO_JAX_TEST_MODEL")
     if existing and (Path(existing) / "yoro_jax.json").is_file():

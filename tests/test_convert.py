@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from convert.__main__ import main as convert_main
-from convert.core import convert
-from convert.gguf_import import undo_rope_permutation
-from convert.mapping import ConversionError
 from tests.conftest import random_batch, tiny_hf_model
 from yoro_jax import llama
 from yoro_jax.checkpoint import CheckpointError, load_model
+from yoro_jax.convert.cli import main as convert_main
+from yoro_jax.convert.core import convert
+from yoro_jax.convert.gguf_import import undo_rope_permutation
+from yoro_jax.convert.mapping import ConversionError
 
 
 def _reference_logits(hf, tokens, valid):

@@ -86,6 +86,9 @@ def test_param_spec_shards_the_largest_divisible_dimension():
     assert tuple(param_spec((64, 4, 16), 4)) == ("fsdp",)
     assert tuple(param_spec((6, 3), 4)) == ()  # nothing divisible: replicated
     assert tuple(param_spec((576,), 1)) == ()
+    # a stack of layers: the layer axis stays whole even when it is the largest
+    assert tuple(param_spec((64, 8, 3), 4, layer_axis=True)) == (None, "fsdp")
+    assert tuple(param_spec((8, 3), 4, layer_axis=True)) == ()
 
 
 def test_mesh_larger_than_the_machine_is_a_clear_error():

@@ -136,7 +136,7 @@ def test_torch_free_gguf_tokenizer_equals_transformers(smollm2_gguf):
     It must tokenize and template exactly like transformers' own GGUF load."""
     from transformers import AutoTokenizer
 
-    from convert.gguf_import import gguf_tokenizer
+    from yoro_jax.convert.gguf_import import gguf_tokenizer
 
     ours = gguf_tokenizer(smollm2_gguf)
     ref = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)

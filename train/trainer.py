@@ -37,10 +37,19 @@ from train import data as data_lib
 from train.config import LossSection, RunConfig, load_config, to_dict
 from train.loss import chunked_sums, hidden_match
 from train.routing import router_objective, temperature_at
-from yoro_jax.checkpoint import Model, load_model, resolve_dtype, write_model_dir
+from yoro_jax import llama
+from yoro_jax.checkpoint import (
+    CheckpointError,
+    Model,
+    load_model,
+    map_named,
+    resolve_dtype,
+    write_model_dir,
+)
 from yoro_jax.config import ConfigError
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
 from yoro_jax.llama import Params
+from yoro_jax.models import EMBEDDED_DEFAULT, resolve_model
 from yoro_jax.router import layers_needed, layers_on
 from yoro_jax.sharding import make_mesh, shard_batch, shard_params
 from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, load_yoro, save_yoro
@@ -51,6 +60,16 @@ AT_POSITIONS = 8
 _FIXED_ON_RESUME = ("model", "yoro", "data", "teacher", "loss", "optim", "router_train")
 # Test hook: SIGKILL this process right after the given optimizer step (simulates a crash).
 KILL_ENV = "YORO_JAX_KILL_AFTER_STEP"
+
+
+def listed_compensation(abstract: Any) -> Any:
+    """A state's abstract tree with every ``compensation`` stack as a list of layers (the
+    layout of runs saved before format 2)."""
+    return map_named(abstract, "compensation", lambda t: jax.eval_shape(llama.unstack_layers, t))
+
+
+def stacked_compensation(state: Any) -> Any:
+    return map_named(state, "compensation", llama.stack_layers)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -71,16 +90,12 @@ def resolve_base(cfg: RunConfig) -> Model:
             write_model_dir(out, model.config, params, byte_tokenizer().save_pretrained,
                             "tiny-random")  # fmt: skip
         return load_model(out)
-    if path == "smollm2":
-        from convert.smollm2 import converted_smollm2
-
-        return load_model(converted_smollm2(cfg.model.dtype))
-    if not Path(path).is_dir():
+    if path != EMBEDDED_DEFAULT and not Path(path).is_dir():
         raise ConfigError(
             f"model.path: {path!r} is not a model directory; expected one written by "
-            "`python -m convert`, or 'smollm2' / 'tiny-random'"
+            f"`python -m convert`, or '{EMBEDDED_DEFAULT}' / 'tiny-random'"
         )
-    return load_model(path, cfg.model.dtype)
+    return resolve_model(path, cfg.model.dtype)
 
 
 def compute_dtype(cfg: RunConfig) -> Any:
@@ -507,8 +522,25 @@ class Trainer:
         # the abstract state carries this run's shardings: a checkpoint written on another
         # mesh (or one device) is re-sharded onto this one as it is read
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))  # fmt: skip
+
+        def read(target):
+            return manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()))  # fmt: skip
+
+        try:
+            restored = read(abstract)
+        except (ValueError, KeyError, TypeError) as err:
+            # a run saved before layers were stacked holds its compensation layers (and
+            # their optimizer moments) as lists: read them so, then stack
+            try:
+                restored = read(listed_compensation(abstract))
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError(
+                    f"{self.run_dir}: checkpoint {step} does not match this run's state "
+                    f"({err}); it was written with another config or yoro-jax version — "
+                    "use a new run directory"
+                ) from err
+            restored["state"] = stacked_compensation(restored["state"])
         iterator.set_state(restored["loader"])
         print(f"resumed {self.run_dir} from step {step}", file=sys.stderr)
         restored_state = restored["state"]

@@ -24,9 +24,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from yoro_jax.config import LlamaConfig
-from yoro_jax.llama import Params, init_params
+from yoro_jax.llama import Params, init_params, stack_layers, unstack_layers
 
-FORMAT_VERSION = 1
+# 2: the decoder layers stacked along a leading axis (lax.scan); 1: a list of layers
+# (read and upgraded on load). The fingerprint is the same for both.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "yoro_jax.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -47,13 +50,31 @@ def resolve_dtype(name: str | Any) -> Any:
 
 
 def params_fingerprint(params: Any) -> str:
-    """sha256 over every leaf's path, dtype, shape and bytes: identifies a set of weights."""
+    """sha256 over every leaf's path, dtype, shape and bytes: identifies a set of weights.
+
+    Computed layer by layer (as a list of layers), so it does not depend on the storage
+    format: a model converted before layers were stacked keeps its fingerprint, and nets
+    trained on it still match."""
+    if isinstance(params.get("layers"), dict):
+        params = {**params, "layers": unstack_layers(jax.tree.map(np.asarray, params["layers"]))}
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         array = np.asarray(leaf)
         digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def map_named(tree: Any, name: str, fn: Callable[[Any], Any]) -> Any:
+    """Apply ``fn`` to the value under every dict key ``name`` in a nested structure of
+    dicts, lists, tuples and NamedTuples (params, optimizer states): format upgrades."""
+    if isinstance(tree, dict):
+        return {k: fn(v) if k == name else map_named(v, name, fn) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(map_named(v, name, fn) for v in tree))
+    if isinstance(tree, list | tuple):
+        return type(tree)(map_named(v, name, fn) for v in tree)
+    return tree
 
 
 def save_pytree(path: Path, tree: Any) -> None:
@@ -146,10 +167,11 @@ def read_meta(model_dir: Path) -> dict[str, Any]:
             "create one with `python -m convert SOURCE --out DIR`"
         )
     meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{model_dir}: format_version {meta.get('format_version')} is not supported "
-            f"(this yoro-jax reads version {FORMAT_VERSION})"
+            f"(this yoro-jax reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
+            "convert the checkpoint again with this version"
         )
     return meta
 
@@ -164,7 +186,12 @@ def load_model(model_dir: str | Path, dtype: str | Any | None = None) -> Model:
     cfg = LlamaConfig.load(model_dir / CONFIG_FILE)
     saved_dtype = resolve_dtype(meta["dtype"])
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), saved_dtype))
-    params = restore_pytree(model_dir / PARAMS_DIR, abstract)
+    if meta["format_version"] == 1:  # layers saved as a list: restore so, then stack
+        old = {**abstract, "layers": jax.eval_shape(unstack_layers, abstract["layers"])}
+        params = restore_pytree(model_dir / PARAMS_DIR, old)
+        params["layers"] = stack_layers(params["layers"])
+    else:
+        params = restore_pytree(model_dir / PARAMS_DIR, abstract)
     if dtype is not None:
         target = resolve_dtype(dtype)
         params = jax.tree.map(lambda a: a.astype(target), params)

@@ -124,28 +124,25 @@ class RecordingDecoder(LlamaDecoder):
         return {"layers": super().init_caches(batch, length), "states": states}
 
     def run(self, params: Params, x, rope, mask, caches, slot):
-        n = self.cfg.num_hidden_layers
-        layers, states = list(caches["layers"]), caches["states"]
-
-        def record(states, depth, x):
-            for index in (i for i, d in enumerate(self.depths) if d == depth):
-                start = (0, index, slot, 0)
-                states = jax.lax.dynamic_update_slice(
-                    states, x[:, None].astype(states.dtype), start
-                )
-            return states
-
-        bounds = sorted({0, n, *self.depths})
-        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-            states = record(states, start, x)
-            x, layers[start:stop] = llama.run_layers(
-                self.cfg, params["layers"][start:stop], x, rope, mask, layers[start:stop], slot
-            )
-        return x, {"layers": layers, "states": record(states, n, x)}
+        h, layers, inputs = llama.run_layers(
+            self.cfg, params["layers"], x, rope, mask, caches["layers"], slot, collect=True
+        )
+        states = caches["states"]
+        if self.depths:
+            every = jnp.concatenate([inputs, h[None]], axis=0)  # [N+1, B, T, d] by depth
+            picked = jnp.moveaxis(every[jnp.asarray(self.depths)], 0, 1).astype(states.dtype)
+            states = jax.lax.dynamic_update_slice(states, picked, (0, 0, slot, 0))
+        return h, {"layers": layers, "states": states}
 
     def recorded(self, caches) -> jax.Array:
         """[B, len(depths), S, d] recorded states (zeros at slots never computed)."""
         return caches["states"]
+
+
+def take_rows(caches: Any, rows: jax.Array) -> Any:
+    """Rows ``rows`` [N] of a decoder's caches: stacked K/V (the only rank-5 leaves,
+    ``[L, B, S, KVH, Dh]``) along axis 1, per-row leaves ``[B, ...]`` along axis 0."""
+    return jax.tree.map(lambda a: jnp.take(a, rows, axis=1 if a.ndim == 5 else 0), caches)
 
 
 # ------------------------------------------------------------------ on-device generation

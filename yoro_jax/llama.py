@@ -4,16 +4,21 @@ Parameters are plain pytrees::
 
     params = {
         "embed":      [V, d],
-        "layers":     [layer_0, ..., layer_{N-1}],   # a list, so blocks are list slices
+        "layers":     layers,   # the N decoder layers, stacked: every leaf [N, ...]
         "final_norm": [d],
-        "lm_head":    [d, V],                        # absent when tied to "embed"
+        "lm_head":    [d, V],   # absent when tied to "embed"
     }
-    layer = {
-        "attn_norm": {"weight": [d]},
-        "attn": {"wq": [d, H, Dh], "wk": [d, KVH, Dh], "wv": [d, KVH, Dh], "wo": [H, Dh, d]},
-        "mlp_norm":  {"weight": [d]},
-        "mlp":  {"w_gate": [d, F], "w_up": [d, F], "w_down": [F, d]},
+    layers = {
+        "attn_norm": {"weight": [N, d]},
+        "attn": {"wq": [N, d, H, Dh], "wk": [N, d, KVH, Dh], "wv": [N, d, KVH, Dh],
+                 "wo": [N, H, Dh, d]},
+        "mlp_norm":  {"weight": [N, d]},
+        "mlp":  {"w_gate": [N, d, F], "w_up": [N, d, F], "w_down": [N, F, d]},
     }
+
+A block of layers is a slice of the stack along the leading axis, and runs as one
+``lax.scan`` over it: a program traces one layer body per block, whatever its depth
+(docs/DESIGN.md §8). Caches are stacked the same way, ``{"k", "v"}: [L, B, S, KVH, Dh]``.
 
 Layers run on a *slot* layout: a batch is ``[B, S]`` slots, ``kv_valid[b, s]`` says which
 slots hold real tokens (left padding and not-yet-generated slots are invalid), and each
@@ -24,6 +29,7 @@ the ``T`` tokens it is given. The cache is kept at KV-head size (no GQA repeat).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +41,9 @@ import numpy as np
 from yoro_jax.config import LlamaConfig
 
 Params = dict[str, Any]
-LayerCache = dict[str, jax.Array]  # {"k": [B, S, KVH, Dh], "v": [B, S, KVH, Dh]}
+Layers = Params  # decoder layers stacked along a leading axis: every leaf [L, ...]
+LayerCache = dict[str, jax.Array]  # one layer's {"k": [B, S, KVH, Dh], "v": [B, S, KVH, Dh]}
+Caches = dict[str, jax.Array]  # a block's caches, stacked: {"k": [L, B, S, KVH, Dh], "v"}
 Rope = tuple[jax.Array, jax.Array]  # (cos, sin), each [B, T, Dh] float32
 
 # HF Llama initialises every linear layer with N(0, initializer_range=0.02).
@@ -188,20 +196,37 @@ class DecoderLayer(nn.Module):
         return h + MLP(self.cfg, name="mlp")(RMSNorm(eps, name="mlp_norm")(h)), cache
 
 
-# ------------------------------------------------------------------- functional helpers
-def init_layers(
-    cfg: LlamaConfig, key: jax.Array, num_layers: int, dtype: Any = jnp.float32
-) -> list[Params]:
-    """Freshly initialised decoder layers (HF's init: N(0, 0.02) weights, unit norms)."""
+# ----------------------------------------------------------------- stacked layer helpers
+def num_layers(layers: Layers) -> int:
+    """How many layers a stack holds (its leading axis)."""
+    leaves = jax.tree.leaves(layers)
+    return int(leaves[0].shape[0]) if leaves else 0
+
+
+def slice_layers(layers: Layers, start: int, stop: int) -> Layers:
+    """Layers ``[start, stop)`` of a stack (a block of the base model)."""
+    return jax.tree.map(lambda a: a[start:stop], layers)
+
+
+def stack_layers(layers: Sequence[Params]) -> Layers:
+    """A list of per-layer pytrees -> one stacked pytree (the format of version 1 dirs)."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *layers)
+
+
+def unstack_layers(layers: Layers) -> list[Params]:
+    """A stack -> a list of per-layer pytrees (views of one layer each)."""
+    return [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers(layers))]
+
+
+def init_layers(cfg: LlamaConfig, key: jax.Array, count: int, dtype: Any = jnp.float32) -> Layers:
+    """``count`` freshly initialised decoder layers, stacked (HF's init: N(0, 0.02)
+    weights, unit norms)."""
     dummy_x = jnp.zeros((1, 1, cfg.hidden_size), jnp.float32)
     dummy_rope = rope_tables(cfg, jnp.zeros((1, 1), jnp.int32))
     dummy_mask = jnp.ones((1, 1, 1), bool)
-    layer = DecoderLayer(cfg)
-    out = []
-    for layer_key in jax.random.split(key, num_layers):
-        p = layer.init(layer_key, dummy_x, dummy_rope, dummy_mask)["params"]
-        out.append(jax.tree.map(lambda a: a.astype(dtype), p))
-    return out
+    init = functools.partial(DecoderLayer(cfg).init, x=dummy_x, rope=dummy_rope, mask=dummy_mask)
+    stacked = jax.vmap(lambda k: init(k)["params"])(jax.random.split(key, count))
+    return jax.tree.map(lambda a: a.astype(dtype), stacked)
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
@@ -217,29 +242,46 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32) -> P
     return params
 
 
-def run_layers(
+def apply_layer(
     cfg: LlamaConfig,
-    layers: Sequence[Params],
+    layer: Params,  # one layer (no leading axis)
     x: jax.Array,  # [B, T, d]
     rope: Rope,
     mask: jax.Array,  # [B, T, S]
-    caches: Sequence[LayerCache] | None = None,
+    cache: LayerCache | None = None,
+    slot: jax.Array | int = 0,
+) -> tuple[jax.Array, LayerCache | None]:
+    """One decoder layer: the body every layer scan runs."""
+    return DecoderLayer(cfg).apply({"params": layer}, x, rope, mask, cache, slot)
+
+
+def run_layers(
+    cfg: LlamaConfig,
+    layers: Layers,
+    x: jax.Array,  # [B, T, d]
+    rope: Rope,
+    mask: jax.Array,  # [B, T, S]
+    caches: Caches | None = None,
     slot: jax.Array | int = 0,
     remat: bool = False,
-) -> tuple[jax.Array, list[LayerCache] | None]:
-    """Run a contiguous slice of decoder layers; returns the hidden states and new caches.
+    collect: bool = False,
+) -> tuple[jax.Array, Caches | None] | tuple[jax.Array, Caches | None, jax.Array]:
+    """Run a block of stacked layers as one ``lax.scan``; returns ``(hidden, new caches)``,
+    and with ``collect`` also every layer's input states ``[L, B, T, d]``.
 
     ``remat``: keep only each layer's input for the backward pass and recompute the rest
     (activation memory of one layer instead of all of them, for ~1 extra forward).
     """
-    module = DecoderLayer(cfg)
-    apply = jax.checkpoint(module.apply) if remat else module.apply
-    new_caches: list[LayerCache] = []
-    for i, layer_params in enumerate(layers):
-        cache = None if caches is None else caches[i]
-        x, cache = apply({"params": layer_params}, x, rope, mask, cache, slot)
-        new_caches.append(cache)
-    return x, (None if caches is None else new_caches)
+
+    def body(h, layer_and_cache):
+        layer, cache = layer_and_cache
+        out, cache = apply_layer(cfg, layer, h, rope, mask, cache, slot)
+        return out, (cache, h if collect else None)
+
+    if remat:
+        body = jax.checkpoint(body)
+    h, (new_caches, inputs) = jax.lax.scan(body, x, (layers, caches))
+    return (h, new_caches, inputs) if collect else (h, new_caches)
 
 
 def layer_kv(cfg: LlamaConfig, layer: Params, x: jax.Array, rope: Rope) -> LayerCache:
@@ -274,10 +316,11 @@ def head(cfg: LlamaConfig, params: Params, x: jax.Array) -> jax.Array:
 
 
 def init_cache(
-    cfg: LlamaConfig, num_layers: int, batch: int, length: int, dtype: Any = jnp.float32
-) -> list[LayerCache]:
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(num_layers)]
+    cfg: LlamaConfig, count: int, batch: int, length: int, dtype: Any = jnp.float32
+) -> Caches:
+    """Empty caches of ``length`` slots for a block of ``count`` layers."""
+    shape = (count, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def hidden_states(

@@ -61,19 +61,36 @@ def make_mesh(config: MeshConfig) -> Mesh | None:
     return Mesh(devices, AXES)
 
 
-def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
-    """Shard the largest dimension divisible by ``fsdp`` over it; replicate the rest."""
+# Subtrees whose leaves are stacked decoder layers: their leading axis is the layer axis,
+# which the block scans walk, so it is never sharded (each device holds every layer's
+# slice of the weights, and the scan needs no gather to pick a layer).
+LAYER_STACKS = ("layers", "compensation")
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int, layer_axis: bool = False) -> P:
+    """Shard the largest dimension divisible by ``fsdp`` over it; replicate the rest.
+    ``layer_axis``: dimension 0 is a stack of layers and stays whole."""
     if fsdp > 1:
-        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        first = 1 if layer_axis else 0
+        for dim in sorted(range(first, len(shape)), key=lambda d: -shape[d]):
             if shape[dim] % fsdp == 0 and shape[dim] >= fsdp:
                 return P(*([None] * dim + ["fsdp"]))
     return P()
 
 
+def _in_layer_stack(path: tuple[Any, ...]) -> bool:
+    return any(getattr(key, "key", None) in LAYER_STACKS for key in path)
+
+
 def param_shardings(tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a params-like pytree (params, optimizer state): FSDP over ``fsdp``."""
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda a: NamedSharding(mesh, param_spec(np.shape(a), fsdp)), tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: NamedSharding(
+            mesh, param_spec(np.shape(a), fsdp, layer_axis=_in_layer_stack(path))
+        ),
+        tree,
+    )
 
 
 def batch_shardings(tree: Any, mesh: Mesh) -> Any:

@@ -10,9 +10,10 @@ Given a base Llama with N layers and a :class:`YoroConfig` (E, C, Lc, La, Lk)::
     concatenation     Lk-layer MLP                                   trainable
     router            optional: gates the reasoning layers           trainable
 
-``frozen`` is the base model's params pytree itself (blocks are slices of its layer list,
-so the teacher shares it); ``trainable`` is a separate pytree
-``{"compensation": [...], "adaptation": {...}, "concatenation": {...}[, "router": {...}]}``.
+``frozen`` is the base model's params pytree itself (blocks are slices of its layer
+stack, so the teacher shares it); ``trainable`` is a separate pytree
+``{"compensation": stacked layers, "adaptation": {...}, "concatenation": {...}
+[, "router": {...}]}``. Every block runs as one ``lax.scan`` over its layers.
 
 Teacher forcing (docs/DESIGN.md §3) on the batch layout: prompts right-aligned to a
 common boundary P (left padding), responses left-aligned after it (right padding)::
@@ -65,6 +66,8 @@ from yoro_jax.llama import Params
 from yoro_jax.router import Router, RouterConfig, RouterOutput
 
 YORO_CONFIG_FILE = "yoro_config.json"
+# 2: compensation layers stacked (one leading layer axis); 1: a list of layers
+NETS_FORMAT_VERSION = 2
 TRAINABLE_DIR = "trainable"
 _CHOICES = {
     "prompt_context": ("yoro", "exact"),
@@ -211,20 +214,20 @@ def _mlp_module(ycfg: YoroConfig, num_layers: int) -> nn.Module:
 
 def init_compensation(
     ycfg: YoroConfig, base: LlamaConfig, key: jax.Array, frozen: Params | None
-) -> list[Params]:
-    """Fresh compensation layers (float32), as ``ycfg.compensation_init`` says."""
+) -> llama.Layers:
+    """Fresh compensation layers (stacked, float32), as ``ycfg.compensation_init`` says."""
     if ycfg.compensation_init == "reasoning":
         if frozen is None:
             raise ValueError("compensation_init 'reasoning' copies base layers: pass frozen")
         depths = ycfg.compensation_depths(base)
-        # real copies (jnp.array copies): the train step donates the trainable buffers
-        return [jax.tree.map(lambda a: jnp.array(a, jnp.float32), frozen["layers"][d])
-                for d in depths]  # fmt: skip
+        # real copies (a slice is one): the train step donates the trainable buffers
+        return jax.tree.map(
+            lambda a: jnp.asarray(a[depths.start : depths.stop], jnp.float32), frozen["layers"]
+        )
     layers = llama.init_layers(base, key, ycfg.compensation_layers)
     if ycfg.compensation_init == "identity":
-        for layer in layers:
-            layer["attn"]["wo"] = jnp.zeros_like(layer["attn"]["wo"])
-            layer["mlp"]["w_down"] = jnp.zeros_like(layer["mlp"]["w_down"])
+        layers["attn"]["wo"] = jnp.zeros_like(layers["attn"]["wo"])
+        layers["mlp"]["w_down"] = jnp.zeros_like(layers["mlp"]["w_down"])
     return layers
 
 
@@ -261,9 +264,13 @@ class TeacherForcing(NamedTuple):
     routing: RouterOutput | None
 
 
-def _pad_cache(kv: llama.LayerCache, length: int) -> llama.LayerCache:
-    """K/V of the first slots [B, P, ...] -> a cache of ``length`` slots."""
-    pad = [(0, 0), (0, length - kv["k"].shape[1]), (0, 0), (0, 0)]
+def _block_kv(
+    cfg: LlamaConfig, layers: llama.Layers, states: jax.Array, rope: llama.Rope, length: int
+) -> llama.Caches:
+    """Caches of ``length`` slots for a block whose layer l sees input states
+    ``states[l]`` [B, P, d] at the first P slots: the K/V each layer computes from them."""
+    kv = jax.vmap(llama.layer_kv, in_axes=(None, 0, 0, None))(cfg, layers, states, rope)
+    pad = [(0, 0), (0, 0), (0, length - states.shape[2]), (0, 0), (0, 0)]
     return {name: jnp.pad(a, pad) for name, a in kv.items()}
 
 
@@ -284,16 +291,16 @@ class Yoro:
     def router(self) -> Router | None:
         return router_lib.make_router(self.ycfg.router)
 
-    # layer slices of the frozen base
-    def embedding_layers(self, frozen: Params) -> list[Params]:
-        return frozen["layers"][: self.ycfg.embedding_layers]
+    # blocks: slices of the frozen base's layer stack
+    def embedding_layers(self, frozen: Params) -> llama.Layers:
+        return llama.slice_layers(frozen["layers"], 0, self.ycfg.embedding_layers)
 
-    def reasoning_layers(self, frozen: Params) -> list[Params]:
-        start, stop = self.ycfg.reasoning_range(self.base)
-        return frozen["layers"][start:stop]
+    def reasoning_layers(self, frozen: Params) -> llama.Layers:
+        return llama.slice_layers(frozen["layers"], *self.ycfg.reasoning_range(self.base))
 
-    def coherence_layers(self, frozen: Params) -> list[Params]:
-        return frozen["layers"][self.base.num_hidden_layers - self.ycfg.coherence_layers :]
+    def coherence_layers(self, frozen: Params) -> llama.Layers:
+        n = self.base.num_hidden_layers
+        return llama.slice_layers(frozen["layers"], n - self.ycfg.coherence_layers, n)
 
     def adapt(self, trainable: Params, x: jax.Array) -> jax.Array:
         module = _mlp_module(self.ycfg, self.ycfg.adaptation_layers)
@@ -311,37 +318,51 @@ class Yoro:
         mask: jax.Array,
         gates: jax.Array | None = None,  # [B, R] or [B, P, R]; None: every layer
         skip: bool = False,
-        collect: tuple[int, ...] = (),
-    ) -> tuple[jax.Array, list[jax.Array]]:
+        collect: int = 0,
+    ) -> tuple[jax.Array, jax.Array | None]:
         """The reasoning block: the expensive middle layers, run once on the prompt.
 
-        Returns the output and the input states of the reasoning layers in ``collect``
-        (indices within the block). With gates, layer l gives ``g*Layer(h) + (1-g)*h``
-        (straight-through gradients reach g). ``skip`` (inference, 0/1 gates): a layer no
-        row of the batch needs is not run at all (``lax.cond``), and rows that do not need
-        a run layer keep h exactly.
+        Returns the output and (``collect`` > 0) the input states ``[collect, B, P, d]`` of
+        the block's last ``collect`` layers. With gates, layer l gives
+        ``g*Layer(h) + (1-g)*h`` (straight-through gradients reach g). ``skip`` (inference,
+        0/1 gates): a layer no row of the batch needs is not run at all (``lax.cond``), and
+        rows that do not need a run layer keep h exactly.
         """
-        h, states = e, []
-        for index, layer in enumerate(self.reasoning_layers(frozen)):
-            if index in collect:
-                states.append(h)
+        layers = self.reasoning_layers(frozen)
+        split = llama.num_layers(layers) - collect
+        head_layers = llama.slice_layers(layers, 0, split)
+        tail_layers = llama.slice_layers(layers, split, split + collect)
+        if gates is None:
+            h, _ = llama.run_layers(self.base, head_layers, e, rope, mask)
+            if not collect:
+                return h, None
+            h, _, states = llama.run_layers(self.base, tail_layers, h, rope, mask, collect=True)
+            return h, states
+        by_layer = jnp.moveaxis(gates, -1, 0)  # [R, B] or [R, B, P]
+        h, _ = self._gated(head_layers, e, rope, mask, by_layer[:split], skip, False)
+        if not collect:
+            return h, None
+        return self._gated(tail_layers, h, rope, mask, by_layer[split:], skip, True)
 
-            def run(h, layer=layer):
-                return llama.run_layers(self.base, [layer], h, rope, mask)[0]
+    def _gated(self, layers, h, rope, mask, gates, skip, collect):
+        """Router-gated layers as one scan over (layer, gate); see :meth:`reason`."""
 
-            if gates is None:
-                h = run(h)
-                continue
-            g = gates[..., index]  # [B] or [B, P]
+        def body(h, layer_and_gate):
+            layer, g = layer_and_gate
             g = (g[:, None, None] if g.ndim == 1 else g[..., None]).astype(h.dtype)
+
+            def run(h):
+                return llama.apply_layer(self.base, layer, h, rope, mask)[0]
+
             if skip:
-                h = jax.lax.cond(
-                    jnp.any(g > 0), lambda h, g=g, run=run: jnp.where(g > 0, run(h), h),
-                    lambda h: h, h,
-                )  # fmt: skip
+                out = jax.lax.cond(
+                    jnp.any(g > 0), lambda h: jnp.where(g > 0, run(h), h), lambda h: h, h
+                )
             else:
-                h = g * run(h) + (1 - g) * h
-        return h, states
+                out = g * run(h) + (1 - g) * h
+            return out, h if collect else None
+
+        return jax.lax.scan(body, h, (layers, gates))
 
     def route(
         self,
@@ -363,36 +384,38 @@ class Yoro:
     def prompt_pass(
         self, frozen: Params, e: jax.Array, rope: llama.Rope, mask: jax.Array,
         gates: jax.Array | None = None, skip: bool = False,
-    ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:  # fmt: skip
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
         """Reasoning + coherence over the prompt: ``(r, h_reason, prompt_states)``.
 
-        ``prompt_states`` (exact context only): the full model's hidden states at the
-        inputs of the base layers the compensation and coherence layers stand for.
+        ``prompt_states`` [Lc+C, B, P, d] (exact context only, else None): the full model's
+        hidden states at the inputs of the base layers the compensation and coherence
+        layers stand for.
         """
-        r_count = self.ycfg.num_reasoning_layers(self.base)
-        collect = tuple(range(r_count - self.ycfg.compensation_layers, r_count))
-        r, states = self.reason(
-            frozen, e, rope, mask, gates, skip, collect if self.ycfg.exact else ()
-        )
-        h = r
-        for layer in self.coherence_layers(frozen):
-            if self.ycfg.exact:
-                states.append(h)
-            h = llama.run_layers(self.base, [layer], h, rope, mask)[0]
-        return r, h, states
+        exact, coherence = self.ycfg.exact, self.coherence_layers(frozen)
+        collect = self.ycfg.compensation_layers if exact else 0
+        r, comp_states = self.reason(frozen, e, rope, mask, gates, skip, collect)
+        if not exact:
+            return r, llama.run_layers(self.base, coherence, r, rope, mask)[0], None
+        h, _, coh_states = llama.run_layers(self.base, coherence, r, rope, mask, collect=True)
+        if comp_states is None:  # no compensation layers
+            return r, h, coh_states
+        return r, h, jnp.concatenate([comp_states, coh_states], axis=0)
 
     def exact_caches(
-        self, frozen: Params, trainable: Params, prompt_states: list[jax.Array],
+        self, frozen: Params, trainable: Params, prompt_states: jax.Array,
         rope: llama.Rope, length: int,
-    ) -> dict[str, list[llama.LayerCache]]:  # fmt: skip
+    ) -> dict[str, llama.Caches]:  # fmt: skip
         """Caches of ``length`` slots whose first P hold the prompt K/V of the exact context:
-        each compensation / coherence layer's K/V of the full model's state at its depth."""
-        layers = [*self.cast(trainable)["compensation"], *self.coherence_layers(frozen)]
-        kvs = [llama.layer_kv(self.base, layer, state.astype(self.dtype), rope)
-               for layer, state in zip(layers, prompt_states, strict=True)]  # fmt: skip
-        caches = [_pad_cache(kv, length) for kv in kvs]
-        lc = self.ycfg.compensation_layers
-        return {"compensation": caches[:lc], "coherence": caches[lc:]}
+        each compensation / coherence layer's K/V of the full model's state at its depth
+        (``prompt_states`` [Lc+C, B, P, d], as :meth:`prompt_pass` gives them)."""
+        states, lc = prompt_states.astype(self.dtype), self.ycfg.compensation_layers
+        comp = self.cast(trainable)["compensation"]
+        return {
+            "compensation": _block_kv(self.base, comp, states[:lc], rope, length),
+            "coherence": _block_kv(
+                self.base, self.coherence_layers(frozen), states[lc:], rope, length
+            ),
+        }
 
     def yoro_path(
         self,
@@ -402,9 +425,9 @@ class Yoro:
         r: jax.Array | None,  # [B, n, d] reasoning output for the first n of them (prompt)
         rope: llama.Rope,
         mask: jax.Array,
-        caches: dict[str, list[llama.LayerCache]] | None = None,
+        caches: dict[str, llama.Caches] | None = None,
         slot: jax.Array | int = 0,
-    ) -> tuple[jax.Array, jax.Array, dict[str, list[llama.LayerCache]] | None]:
+    ) -> tuple[jax.Array, jax.Array, dict[str, llama.Caches] | None]:
         """The one YORO composition: nets + compensation + coherence -> ``(h, z, caches)``.
 
         Teacher forcing (no caches, or exact-context caches), prefill (the prompt, with
@@ -439,7 +462,7 @@ class Yoro:
     # ------------------------------------------------------------------ teacher forcing
     def full_pass(
         self, frozen: Params, tokens: jax.Array, valid: jax.Array
-    ) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]]:
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         """The unmodified full model over every position, seen through the split:
         ``(e, r, h, states)`` — embedding-block output, the coherence block's input (the
         teacher's target for z), the last layer's output (before the final norm), and the
@@ -468,8 +491,8 @@ class Yoro:
             "e_prompt": e[:, :prompt_len],
             "r_prompt": r[:, :prompt_len],
             "e_response": e[:, prompt_len:],
-            "prompt_states": jnp.stack([s[:, :prompt_len] for s in states], axis=1)
-            if states
+            "prompt_states": jnp.moveaxis(states[:, :, :prompt_len], 0, 1)
+            if states is not None
             else jnp.zeros((e.shape[0], 0, prompt_len, e.shape[2]), e.dtype),
             "h_first": h[:, prompt_len - 1],
             "teacher_hidden": r[:, prompt_len:],
@@ -488,7 +511,7 @@ class Yoro:
         cfg, prompt_len, total = self.base, prompt_states.shape[2], valid.shape[1]
         rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
         prompt_rope = tuple(t[:, :prompt_len] for t in rope)
-        states = [prompt_states[:, i] for i in range(prompt_states.shape[1])]
+        states = jnp.moveaxis(prompt_states, 1, 0)  # [Lc+C, B, P, d]
         caches = self.exact_caches(frozen, trainable, states, prompt_rope, total)
         mask = llama.attention_mask(valid, prompt_len, total - prompt_len)
         response_rope = tuple(t[:, prompt_len:] for t in rope)
@@ -551,7 +574,7 @@ class Yoro:
         )  # fmt: skip
         if self.ycfg.exact:
             h, z = self.yoro_from_features(
-                frozen, trainable, e[:, prompt_len:], jnp.stack(states, axis=1), valid
+                frozen, trainable, e[:, prompt_len:], jnp.moveaxis(states, 0, 1), valid
             )
             return TeacherForcing(h_reason, h, z, routing)
         h, z, _ = self.yoro_path(frozen, trainable, e, r, rope, mask)
@@ -667,7 +690,7 @@ def param_summary(model: Yoro, frozen: Params, trainable: Params) -> dict[str, i
 
     cfg, ycfg = model.base, model.ycfg
     head = frozen["embed"] if cfg.tie_word_embeddings else frozen["lm_head"]
-    per_layer = count(frozen["layers"][0])
+    per_layer = count(frozen["layers"]) // cfg.num_hidden_layers
     embed_row = cfg.hidden_size  # one embedding row is read per token
     final = count(frozen["final_norm"]) + count(head) + embed_row
     yoro_step = (
@@ -698,6 +721,7 @@ def save_yoro(
     with atomic_directory(Path(out), overwrite) as tmp:
         save_pytree(tmp / TRAINABLE_DIR, trainable)
         meta = {
+            "format_version": NETS_FORMAT_VERSION,
             "yoro": dataclasses.asdict(ycfg),  # includes the router's config
             "base_model": str(Path(base_dir).absolute()) if base_dir else None,
             "base_fingerprint": base_fingerprint,
@@ -744,4 +768,24 @@ def load_yoro(path: Path, base: Any = None) -> tuple[YoroConfig, Params, Any]:
     abstract = jax.eval_shape(
         lambda: init_trainable(ycfg, base.config, jax.random.key(0), base.params)
     )
-    return ycfg, restore_pytree(Path(path) / TRAINABLE_DIR, abstract), base
+    version = meta.get("format_version", 1)
+    if version == NETS_FORMAT_VERSION:
+        return ycfg, restore_pytree(Path(path) / TRAINABLE_DIR, abstract), base
+    if version != 1:
+        raise CheckpointError(
+            f"{path}: YORO nets format_version {version} is not supported (this yoro-jax "
+            f"reads {NETS_FORMAT_VERSION} and upgrades 1)"
+        )
+    # version 1 saved the compensation layers as a list: restore that, then stack
+    old = {**abstract, "compensation": jax.eval_shape(llama.unstack_layers,
+                                                      abstract["compensation"])}  # fmt: skip
+    trainable = restore_pytree(Path(path) / TRAINABLE_DIR, old)
+    layers = trainable["compensation"]
+    trainable["compensation"] = (
+        llama.stack_layers(layers) if layers else abstract_zeros(abstract["compensation"])
+    )
+    return ycfg, trainable, base
+
+
+def abstract_zeros(abstract: Any) -> Any:
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)

@@ -17,7 +17,7 @@ def enable_compilation_cache() -> None:
 
     import jax
 
-    from convert.smollm2 import cache_dir
+    from yoro_jax.convert.pypi import cache_dir
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))

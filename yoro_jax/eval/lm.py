@@ -28,9 +28,10 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from yoro_jax.checkpoint import Model, load_model
+from yoro_jax.checkpoint import Model
 from yoro_jax.eval.scoring import score_pairs
 from yoro_jax.generate import generate_tokens, make_decoders, special_ids
+from yoro_jax.models import resolve_model
 from yoro_jax.sampling import SamplingConfig
 from yoro_jax.sharding import MeshConfig, make_mesh, shard_params
 
@@ -90,11 +91,7 @@ def load_base(model: str | None, nets: Path | None, dtype: str | None) -> Model:
         from yoro_jax.yoro import recorded_base
 
         model = recorded_base(nets)
-    if model == "smollm2":
-        from convert.smollm2 import converted_smollm2
-
-        model = str(converted_smollm2("float32"))
-    return load_model(model, dtype)
+    return resolve_model(model, dtype)
 
 
 @register_model("yoro-jax")

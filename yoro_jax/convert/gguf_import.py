@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from convert.mapping import ConversionError
 from yoro_jax.config import LlamaConfig
+from yoro_jax.convert.mapping import ConversionError
 
 # GGUF tensor name (after "blk.N.") -> HF suffix (after "model.layers.N.")
 _LAYER_NAMES = {

@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from convert.gguf_import import gguf_has_tokenizer, gguf_tokenizer, read_gguf
-from convert.hf_import import read_hf, resolve_source
-from convert.mapping import ConversionError, hf_to_params
-from convert.smollm2 import fetch_smollm2_gguf
 from yoro_jax.checkpoint import resolve_dtype, write_model_dir
+from yoro_jax.convert.gguf_import import gguf_has_tokenizer, gguf_tokenizer, read_gguf
+from yoro_jax.convert.hf_import import read_hf, resolve_source
+from yoro_jax.convert.mapping import ConversionError, hf_to_params
+from yoro_jax.convert.pypi import cache_dir
+from yoro_jax.convert.smollm2 import fetch_smollm2_gguf
 
 DEFAULT_MODEL = "smollm2"
 
@@ -70,3 +71,11 @@ def _cast(params: Any, dtype: Any) -> Any:
     import jax
 
     return jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
+
+
+def converted_smollm2(dtype: str = "float32") -> Path:
+    """The embedded default as a yoro-jax model directory in the cache (converted once)."""
+    out = cache_dir() / f"smollm2-{dtype}"
+    if not (out / "yoro_jax.json").is_file():  # absent, or left incomplete
+        convert(DEFAULT_MODEL, out, dtype=dtype, overwrite=out.exists())
+    return out

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.mapping import ConversionError
 from yoro_jax.config import ConfigError, LlamaConfig
+from yoro_jax.convert.mapping import ConversionError
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model", "*.txt"]
 
