@@ -50,13 +50,22 @@ def worker(model_dir: str) -> dict[str, float]:
 
     from train.config import LossSection, RunConfig
     from train.data import collate
-    from train.trainer import loss_options, make_optimizer, train_step
+
+    try:  # the step's module since the file split; the unrolled baseline had one module
+        from train.step import loss_options, make_optimizer, train_step
+    except ImportError:
+        from train.trainer import loss_options, make_optimizer, train_step
     from yoro_jax import generate
     from yoro_jax.checkpoint import load_model
     from yoro_jax.eval.scoring import score_continuations
     from yoro_jax.generate import LlamaDecoder
     from yoro_jax.sampling import SamplingConfig
-    from yoro_jax.yoro import Yoro, YoroConfig, YoroDecoder, init_trainable
+    from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
+
+    try:  # in yoro_jax.decoders since the file split
+        from yoro_jax.decoders import YoroDecoder
+    except ImportError:
+        from yoro_jax.yoro import YoroDecoder
 
     tree = Path(sys.path[0]).resolve()
     if not Path(generate.__file__).resolve().is_relative_to(tree):

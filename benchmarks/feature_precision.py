@@ -21,8 +21,10 @@ import numpy as np
 from benchmarks.common import markdown_table
 from train import data as data_lib
 from train.config import load_config
-from train.trainer import Trainer, initial_trainable, loss_sums, prepare_run
-from yoro_jax.yoro import load_yoro
+from train.prepare import initial_trainable, prepare_run
+from train.step import loss_sums
+from train.trainer import Trainer
+from yoro_jax.checkpoint import load_yoro
 
 
 def main() -> None:

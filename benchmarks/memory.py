@@ -18,7 +18,7 @@ import optax
 
 from benchmarks.common import markdown_table, tree_bytes
 from train.config import LossSection
-from train.trainer import loss_options, train_step
+from train.step import loss_options, train_step
 from yoro_jax.config import LlamaConfig
 from yoro_jax.llama import init_params
 from yoro_jax.yoro import Yoro, YoroConfig, init_trainable

@@ -28,7 +28,7 @@ import numpy as np
 from benchmarks.common import default_model_dir, markdown_table
 from train.config import LossSection, RunConfig
 from train.data import collate
-from train.trainer import loss_options, make_optimizer, train_step
+from train.step import loss_options, make_optimizer, train_step
 from yoro_jax.checkpoint import load_model
 from yoro_jax.generate import RecordingDecoder, generate_tokens
 from yoro_jax.yoro import Yoro, YoroConfig, init_trainable

@@ -19,8 +19,9 @@ import jax
 from benchmarks.common import PROMPTS, best_of, default_model_dir, markdown_table
 from yoro_jax.batch import prompt_response_layout
 from yoro_jax.checkpoint import load_model
+from yoro_jax.decoders import YoroDecoder
 from yoro_jax.generate import LlamaDecoder, bucket, encode_prompt, generate_tokens
-from yoro_jax.yoro import Yoro, YoroConfig, YoroDecoder, init_trainable, param_summary
+from yoro_jax.yoro import Yoro, YoroConfig, init_trainable, param_summary
 
 SPLITS = {
     "E2 C2 Lc2 (reference)": YoroConfig(2, 2, 2, 2, 1),

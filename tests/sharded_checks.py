@@ -18,12 +18,13 @@ import optax
 
 from train.config import LossSection
 from train.data import collate
+from train.step import loss_options, train_step
 from train.tiny import tiny_random_model
-from train.trainer import loss_options, train_step
+from yoro_jax.decoders import YoroDecoder
 from yoro_jax.eval.scoring import score_pairs
 from yoro_jax.generate import LlamaDecoder, generate_tokens
 from yoro_jax.sharding import MeshConfig, make_mesh, shard_batch, shard_params
-from yoro_jax.yoro import Yoro, YoroConfig, YoroDecoder, init_trainable
+from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
 
 MESHES = [(8, 1), (4, 2), (2, 4)]
 LOSS_OPTS = loss_options(LossSection(soft_temperature=1.0, ce_weight=0.5, logits_chunk=8))

@@ -14,12 +14,13 @@ from lm_eval.api.instance import Instance
 
 from tests.conftest import cached_logits
 from yoro_jax import llama
-from yoro_jax.checkpoint import write_model_dir
+from yoro_jax.checkpoint import save_yoro, write_model_dir
+from yoro_jax.decoders import YoroDecoder
 from yoro_jax.eval import TASKS_DIR
 from yoro_jax.eval.lm import YoroJaxLM
 from yoro_jax.eval.scoring import plan_batches, score_pairs
 from yoro_jax.generate import LlamaDecoder
-from yoro_jax.yoro import Yoro, YoroConfig, YoroDecoder, init_trainable, save_yoro
+from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
 
 YCFG = YoroConfig(1, 1, 1, 1, 1)
 

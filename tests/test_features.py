@@ -12,9 +12,11 @@ import pytest
 from conftest import QUIET_EVAL, kill_then_resume, reuse_teacher_data, smoke_config
 
 from train import data as data_lib
-from train.trainer import Trainer, loss_sums, prepare_run
+from train.prepare import prepare_run
+from train.step import loss_sums
+from train.trainer import Trainer
+from yoro_jax.checkpoint import load_yoro
 from yoro_jax.config import ConfigError
-from yoro_jax.yoro import load_yoro
 
 # The default variant on the smoke config, hidden-state loss on, features stored.
 EXACT = [

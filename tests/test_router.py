@@ -18,7 +18,9 @@ from train.routing import router_objective, temperature_at
 from train.trainer import train
 from yoro_jax import llama
 from yoro_jax.batch import prompt_response_layout
+from yoro_jax.checkpoint import load_yoro, save_yoro
 from yoro_jax.config import ConfigError
+from yoro_jax.decoders import YoroDecoder
 from yoro_jax.generate import generate_tokens
 from yoro_jax.router import (
     ROUTERS,
@@ -28,7 +30,7 @@ from yoro_jax.router import (
     make_router,
     register_router,
 )
-from yoro_jax.yoro import Yoro, YoroConfig, YoroDecoder, init_trainable, load_yoro, save_yoro
+from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
 
 YCFG = YoroConfig(1, 1, 1, 1, 1)  # 6 base layers: 4 reasoning layers
 

@@ -9,7 +9,8 @@ import torch
 
 from tests.conftest import CHAT_PROMPTS, assert_greedy_choices, cached_logits
 from yoro_jax import llama
-from yoro_jax.generate import LlamaDecoder, encode_prompt, generate_tokens, main, special_ids
+from yoro_jax.generate import LlamaDecoder, encode_prompt, generate_tokens, special_ids
+from yoro_jax.generate_cli import main
 
 pytestmark = pytest.mark.smollm2
 
@@ -91,7 +92,7 @@ def smollm2_variant(request, smollm2, smollm2_yoro):
 
 def test_yoro_reason_once_generation_equals_teacher_forcing(smollm2, smollm2_variant, chat_ids):
     from yoro_jax.batch import prompt_response_layout
-    from yoro_jax.yoro import YoroDecoder
+    from yoro_jax.decoders import YoroDecoder
 
     model, trainable = smollm2_variant
     params = (smollm2.params, trainable)
@@ -114,7 +115,7 @@ def test_yoro_reason_once_generation_equals_teacher_forcing(smollm2, smollm2_var
 
 
 def test_generate_cli_compares_full_and_yoro(smollm2, smollm2_dir, smollm2_yoro, tmp_path, capsys):
-    from yoro_jax.yoro import save_yoro
+    from yoro_jax.checkpoint import save_yoro
 
     model, trainable = smollm2_yoro
     save_yoro(tmp_path / "nets", model.ycfg, trainable, smollm2_dir, smollm2.fingerprint)

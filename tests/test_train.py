@@ -23,11 +23,14 @@ from conftest import (
 from train import data as data_lib
 from train.config import load_config
 from train.loss import dense_kl, sparse_kl
-from train.teacher import generate_teacher_data
-from train.trainer import NonFiniteLoss, Trainer, loss_sums, prepare_run
+from train.prepare import prepare_run
+from train.step import loss_sums
+from train.teacher_data import generate_teacher_data
+from train.trainer import NonFiniteLoss, Trainer
 from yoro_jax import llama
+from yoro_jax.checkpoint import load_yoro
 from yoro_jax.config import ConfigError
-from yoro_jax.yoro import Yoro, YoroConfig, init_trainable, load_yoro
+from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
 
 
 # ------------------------------------------------------------------------------ losses
@@ -322,7 +325,7 @@ def test_generate_teacher_data_is_deterministic(tmp_path, tiny):
 
 
 def test_generate_cli_finds_the_base_from_the_exported_nets(smoke_run, capsys):
-    from yoro_jax.generate import main
+    from yoro_jax.generate_cli import main
 
     run_dir, _ = smoke_run
     argv = ["--yoro", str(run_dir / "export"), "--compare", "--chat", "--prompt", "hi",

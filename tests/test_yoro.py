@@ -10,17 +10,15 @@ import pytest
 from tests.conftest import assert_greedy_choices, cached_logits, params_from_hf, tiny_hf_model
 from yoro_jax import llama
 from yoro_jax.batch import prompt_response_layout
-from yoro_jax.checkpoint import CheckpointError, Model
+from yoro_jax.checkpoint import CheckpointError, Model, load_yoro, save_yoro
 from yoro_jax.config import ConfigError
+from yoro_jax.decoders import YoroDecoder
 from yoro_jax.generate import generate_tokens
 from yoro_jax.yoro import (
     Yoro,
     YoroConfig,
-    YoroDecoder,
     init_trainable,
-    load_yoro,
     param_summary,
-    save_yoro,
 )
 
 SPLITS = {

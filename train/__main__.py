@@ -52,7 +52,7 @@ def print_summary(run_dir: Path) -> None:
     """The run's last held-out metrics and its last sample answers, full model vs YORO."""
     import json
 
-    from train.trainer import read_metrics
+    from train.metrics import read_metrics
 
     val = [r for r in read_metrics(run_dir) if r["split"] == "val"]
     if val:

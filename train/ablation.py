@@ -23,11 +23,14 @@ import numpy as np
 
 from train.config import load_config
 from train.evaluate import distinct_ngrams, repeated_ngram_share
-from train.trainer import Trainer, prepare_run, read_metrics
+from train.metrics import read_metrics
+from train.prepare import prepare_run
+from train.trainer import Trainer
+from yoro_jax.checkpoint import load_yoro
 from yoro_jax.config import ConfigError
+from yoro_jax.decoders import YoroDecoder
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
 from yoro_jax.report import markdown_table
-from yoro_jax.yoro import YoroDecoder, load_yoro
 
 # The reference recipe, stated in full so that every variant differs from it only in
 # its levers whatever the base config says.

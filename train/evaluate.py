@@ -23,13 +23,15 @@ import yaml
 
 from train import data as data_lib
 from train.config import PROMPT_FORMATS, PromptSource, load_config
-from train.teacher import generate_teacher_data
-from train.trainer import compute_dtype, heldout_metrics, initial_trainable, resolve_base
-from yoro_jax.checkpoint import CheckpointError
+from train.metrics import heldout_metrics
+from train.prepare import compute_dtype, initial_trainable, resolve_base
+from train.teacher_data import generate_teacher_data
+from yoro_jax.checkpoint import CheckpointError, load_yoro
 from yoro_jax.config import ConfigError
+from yoro_jax.decoders import YoroDecoder
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
 from yoro_jax.report import markdown_table
-from yoro_jax.yoro import Yoro, YoroDecoder, load_yoro
+from yoro_jax.yoro import Yoro
 
 
 def repeated_ngram_share(tokens: list[int], n: int = 4) -> float:

@@ -26,11 +26,14 @@ import numpy as np
 
 from train import data as data_lib
 from train.config import RunConfig, load_config
-from train.trainer import compute_dtype, heldout_metrics, initial_trainable, prepare_run, train
+from train.metrics import heldout_metrics
+from train.prepare import compute_dtype, initial_trainable, prepare_run
+from train.trainer import train
+from yoro_jax.checkpoint import load_yoro
 from yoro_jax.config import ConfigError
 from yoro_jax.generate import special_ids
 from yoro_jax.router import RouterConfig
-from yoro_jax.yoro import Yoro, load_yoro
+from yoro_jax.yoro import Yoro
 
 
 def _label(value: float) -> str:

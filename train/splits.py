@@ -19,11 +19,14 @@ import time
 from pathlib import Path
 
 from train.config import load_config
-from train.trainer import read_metrics, train
+from train.metrics import read_metrics
+from train.trainer import train
+from yoro_jax.checkpoint import load_yoro
 from yoro_jax.config import ConfigError
+from yoro_jax.decoders import YoroDecoder
 from yoro_jax.generate import LlamaDecoder, encode_prompt, generate_tokens
 from yoro_jax.report import markdown_table
-from yoro_jax.yoro import Yoro, YoroDecoder, load_yoro, param_summary
+from yoro_jax.yoro import Yoro, param_summary
 
 PROMPT = "Explain why the sky is blue."
 

@@ -15,7 +15,6 @@ Run directory layout::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -28,36 +27,27 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
-import yaml
 from tqdm.auto import tqdm
 
 from train import data as data_lib
-from train.config import LossSection, RunConfig, load_config, to_dict
-from train.loss import chunked_sums, hidden_match
-from train.routing import router_objective, temperature_at
+from train.config import RunConfig
+from train.metrics import MetricsLog, heldout_metrics, plot_losses, to_device
+from train.prepare import Prepared, compute_dtype, initial_trainable, prepare_run
+from train.routing import temperature_at
+from train.step import loss_options, lr_schedule, make_optimizer, train_step
 from yoro_jax import llama
 from yoro_jax.checkpoint import (
     CheckpointError,
-    Model,
-    load_model,
     map_named,
-    resolve_dtype,
-    write_model_dir,
+    save_yoro,
 )
 from yoro_jax.config import ConfigError
+from yoro_jax.decoders import YoroDecoder
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
 from yoro_jax.llama import Params
-from yoro_jax.models import EMBEDDED_DEFAULT, resolve_model
-from yoro_jax.router import layers_needed, layers_on
-from yoro_jax.sharding import make_mesh, shard_batch, shard_params
-from yoro_jax.yoro import Yoro, YoroDecoder, init_trainable, load_yoro, save_yoro
+from yoro_jax.sharding import make_mesh, shard_params
+from yoro_jax.yoro import Yoro
 
-# Held-out top-1 agreement is also reported at each of the first generated positions.
-AT_POSITIONS = 8
-# Sections whose change makes a resumed run a different experiment.
-_FIXED_ON_RESUME = ("model", "yoro", "data", "teacher", "loss", "optim", "router_train")
 # Test hook: SIGKILL this process right after the given optimizer step (simulates a crash).
 KILL_ENV = "YORO_JAX_KILL_AFTER_STEP"
 
@@ -76,375 +66,7 @@ class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm became NaN/inf; the offending update was not applied."""
 
 
-# ------------------------------------------------------------------------- base model
-def resolve_base(cfg: RunConfig) -> Model:
-    """The frozen base: ``tiny-random`` (written to RUN/base), ``smollm2`` or a model dir."""
-    path = cfg.model.path
-    if path == "tiny-random":
-        from train.tiny import byte_tokenizer, tiny_random_model
-
-        out = Path(cfg.run_dir) / "base"
-        if not out.is_dir():
-            model = tiny_random_model(seed=0)
-            params = jax.tree.map(lambda a: a.astype(resolve_dtype(cfg.model.dtype)), model.params)
-            write_model_dir(out, model.config, params, byte_tokenizer().save_pretrained,
-                            "tiny-random")  # fmt: skip
-        return load_model(out)
-    if path != EMBEDDED_DEFAULT and not Path(path).is_dir():
-        raise ConfigError(
-            f"model.path: {path!r} is not a model directory; expected one written by "
-            f"`python -m convert`, or '{EMBEDDED_DEFAULT}' / 'tiny-random'"
-        )
-    return resolve_model(path, cfg.model.dtype)
-
-
-def compute_dtype(cfg: RunConfig) -> Any:
-    """bf16 where the backend is fast at it (GPU/TPU), float32 on CPU, unless set."""
-    if cfg.train.compute_dtype == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return resolve_dtype(cfg.train.compute_dtype)
-
-
-# ------------------------------------------------------------------------ preparation
-@dataclasses.dataclass
-class Prepared:
-    cfg: RunConfig
-    base: Model
-    shards: dict[str, list[Path]]  # split -> teacher ArrayRecord shards
-
-
-def split_prompts(prompts: list[list[int]], num_val: int) -> dict[str, list[list[int]]]:
-    """Deterministic held-out split (seeded permutation, independent of the train seed)."""
-    if num_val >= len(prompts):
-        raise ConfigError(
-            f"data.validation_prompts ({num_val}) must be smaller than the number of "
-            f"prompts ({len(prompts)})"
-        )
-    order = np.random.RandomState(0).permutation(len(prompts))
-    return {
-        "train": [prompts[i] for i in order[num_val:]],
-        "val": [prompts[i] for i in order[:num_val]],
-    }
-
-
-def _check_resumable(cfg: RunConfig, run_dir: Path) -> None:
-    saved_path = run_dir / "config.yaml"
-    new = to_dict(cfg)
-    if saved_path.is_file():
-        try:  # through the current schema: settings added since then take their defaults
-            saved = to_dict(load_config(saved_path))
-        except ConfigError:
-            saved = yaml.safe_load(saved_path.read_text())
-        changed = [k for k in _FIXED_ON_RESUME if saved.get(k) != new.get(k)]
-        if changed:
-            raise ConfigError(
-                f"{run_dir} holds a run with different {', '.join(changed)} settings; "
-                "use a new run_dir (only train/checkpoint/eval settings may change on resume)"
-            )
-    saved_path.write_text(yaml.safe_dump(new, sort_keys=False))
-
-
-def prepare_run(config: str | RunConfig | None, overrides: list[str] = ()) -> Prepared:
-    """Config -> run dir -> base model -> prompts -> teacher data (made once, resumable)."""
-    from train.teacher import generate_teacher_data
-
-    cfg = config if isinstance(config, RunConfig) else load_config(config, list(overrides))
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(cfg, run_dir)
-    base = resolve_base(cfg)
-    cfg.yoro.validate(base.config)
-    if base.tokenizer is None:
-        raise ConfigError(f"model.path: {base.path} has no tokenizer; training needs one")
-    prompts = data_lib.load_prompts(cfg.data, base.tokenizer)
-    splits = split_prompts(prompts, cfg.data.validation_prompts)
-    # Online mode also trains on the teacher's answers (the sequences); only the target
-    # changes: dense teacher logits computed in the step instead of the stored top-k.
-    return Prepared(cfg, base, generate_teacher_data(cfg, base, splits))
-
-
-# ------------------------------------------------------------------------ optimizer
-def lr_schedule(cfg: RunConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup (if any) then cosine decay to 0 over ``total_steps`` optimizer steps."""
-    o = cfg.optim
-    decay_steps = max(total_steps, o.warmup_steps + 1)
-    if o.warmup_steps == 0:
-        return optax.cosine_decay_schedule(o.lr, decay_steps)
-    return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps, 0.0)
-
-
-def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW on :func:`lr_schedule` with global-norm clipping; optional accumulation.
-
-    Stage 2 (``router_train.train_nets: false``): only the router is updated; the YORO
-    nets get zero updates and no optimizer state.
-    """
-    o = cfg.optim
-    tx = optax.chain(
-        optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
-        optax.adamw(lr_schedule(cfg, total_steps), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
-    )
-    if not cfg.router_train.train_nets:
-        tx = optax.multi_transform({"train": tx, "keep": optax.set_to_zero()}, _router_labels)
-    if o.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum)
-    return tx
-
-
-def _router_labels(trainable: Params) -> Params:
-    return {name: jax.tree.map(lambda _, n=name: "train" if n == "router" else "keep", tree)
-            for name, tree in trainable.items()}  # fmt: skip
-
-
-def initial_trainable(cfg: RunConfig, base: Model) -> Params:
-    """The run's starting nets: fresh (from ``train.seed``), or the YORO nets in
-    ``router_train.init_nets`` with a fresh router (stage 2)."""
-    init_key, _ = jax.random.split(jax.random.key(cfg.train.seed))
-    fresh = init_trainable(cfg.yoro, base.config, init_key, base.params)
-    if cfg.router_train.init_nets is None:
-        return fresh
-    path = Path(cfg.router_train.init_nets)
-    if (path / "export").is_dir() and not (path / "yoro_config.json").is_file():
-        path = path / "export"  # a run directory: its final nets
-    ycfg, loaded, _ = load_yoro(path, base)
-    ours = dataclasses.replace(cfg.yoro, router=ycfg.router)
-    if ycfg != ours:
-        raise ConfigError(
-            f"router_train.init_nets: the nets in {path} have split/sizes {ycfg}, this run's "
-            f"yoro section asks for {cfg.yoro}; they must match (the router may differ)"
-        )
-    return {**{k: v for k, v in loaded.items() if k != "router"}, **(
-        {"router": fresh["router"]} if "router" in fresh else {})}  # fmt: skip
-
-
-# ------------------------------------------------------------------------- the step
-def row_sums(
-    model: Yoro,
-    frozen: Params,
-    trainable: Params,
-    batch: dict[str, jax.Array],
-    prompt_len: int,
-    *,
-    online: bool,
-    temperature: float,
-    ce_weight: float,
-    chunk: int,
-    hidden_weight: float = 0.0,
-    hidden_loss: str = "mse",
-    remat_logits: bool = True,
-    **routing_args: Any,
-) -> tuple[dict[str, jax.Array], Any]:
-    """Per-row sums [B] of the loss terms over valid response positions, and the routing
-    (``routing_args``: fixed ``gates``, or ``key``/``router_temperature`` to sample).
-
-    A batch with stored frozen features (``e_response`` ...) runs only the trainable path
-    and the coherence block after the prompt; otherwise the frozen blocks are recomputed.
-    """
-    tokens, valid = batch["tokens"], batch["valid"]
-    resp_len = batch["targets"].shape[1]
-    if "e_response" in batch and model.router is None:
-        h_yoro, z = model.yoro_from_stored(frozen, trainable, batch, valid)
-        h_first, routing = batch["h_first"][:, None].astype(h_yoro.dtype), None
-    else:
-        out = model.hidden_states(frozen, trainable, tokens, valid, prompt_len, **routing_args)
-        h_yoro, z, routing, h_first = out.h_yoro, out.z_yoro, out.routing, out.h_reason[:, -1:]
-    # Position P-1+j predicts response token j; the last input token predicts nothing.
-    hidden = jnp.concatenate([h_first, h_yoro], axis=1)[:, :resp_len]
-    teacher_hidden = teacher_z = None
-    if online or (hidden_weight and "teacher_hidden" not in batch):
-        _, coherence_input, final, _ = model.full_pass(frozen, tokens, valid)
-        window = slice(prompt_len - 1, prompt_len - 1 + resp_len)
-        teacher_hidden = jax.lax.stop_gradient(final[:, window])
-        teacher_z = jax.lax.stop_gradient(coherence_input[:, prompt_len:])
-    sums = chunked_sums(
-        lambda h: model.logits(frozen, h), hidden, batch, temperature=temperature,
-        ce_weight=ce_weight, chunk=chunk, teacher_hidden=teacher_hidden if online else None,
-        remat=remat_logits,
-    )  # fmt: skip
-    if hidden_weight:
-        target = batch.get("teacher_hidden", teacher_z)
-        # z at position P+i predicts response token i+1: mask of targets 1..R-1
-        sums["hidden"] = hidden_match(
-            z[:, : resp_len - 1], target[:, : resp_len - 1], batch["target_mask"][:, 1:],
-            hidden_loss,
-        )  # fmt: skip
-    return sums, routing
-
-
-def loss_options(loss: LossSection) -> tuple[tuple[str, Any], ...]:
-    """The train step's static loss options (hashable) from the config's loss section."""
-    return (
-        ("online", loss.mode == "online"), ("temperature", loss.soft_temperature),
-        ("ce_weight", loss.ce_weight), ("chunk", loss.logits_chunk),
-        ("hidden_weight", loss.hidden_weight), ("hidden_loss", loss.hidden_loss),
-        ("remat_logits", loss.remat_logits),
-    )  # fmt: skip
-
-
-def loss_sums(model, frozen, trainable, batch, prompt_len, **opts) -> dict[str, jax.Array]:
-    """Sums of the loss terms over the batch's valid response positions."""
-    sums, _ = row_sums(model, frozen, trainable, batch, prompt_len, **opts)
-    return {key: jnp.sum(value) for key, value in sums.items()}
-
-
-@partial(
-    jax.jit,
-    static_argnames=("model", "tx", "prompt_len", "loss_opts", "router_opts"),
-    donate_argnums=(2,),
-)
-def train_step(
-    model: Yoro,
-    frozen: Params,
-    state: dict[str, Any],
-    batch: dict[str, jax.Array],
-    *,
-    tx: optax.GradientTransformation,
-    prompt_len: int,
-    loss_opts: tuple[tuple[str, Any], ...],
-    router_opts: Any = None,  # RouterTrainSection (hashable view), with a router
-    temperature: jax.Array | float = 1.0,  # the router's Gumbel temperature this step
-) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    """One micro-batch: gradients of the trainable pytree only (frozen is a plain input).
-
-    With a router, its gates are sampled from ``fold_in(rng, step)`` (so a resumed run
-    draws the same gates) and its loss terms (:mod:`train.routing`) are added.
-    """
-    opts = dict(loss_opts)
-    ce_weight, hidden_weight = opts["ce_weight"], opts["hidden_weight"]
-    routed = model.router is not None
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-
-    def loss_fn(trainable):
-        if routed and not router_opts.train_nets:  # stage 2: no gradients into the nets
-            trainable = {k: v if k == "router" else jax.lax.stop_gradient(v)
-                         for k, v in trainable.items()}  # fmt: skip
-        routing_args = {"key": key, "router_temperature": temperature} if routed else {}
-        rows, routing = row_sums(
-            model, frozen, trainable, batch, prompt_len, **opts, **routing_args
-        )
-        sums = {k: jnp.sum(v) for k, v in rows.items()}
-        count = jnp.maximum(sums["count"], 1.0)
-        hidden = sums.get("hidden", 0.0)
-        loss = (sums["kl"] + ce_weight * sums["ce"] + hidden_weight * hidden) / count
-        if not routed:
-            return loss, (sums, {})
-        row_hidden = hidden_weight * rows["hidden"] if hidden_weight else 0.0
-        row_loss = (rows["kl"] + ce_weight * rows["ce"] + row_hidden) / jnp.maximum(
-            rows["count"], 1.0
-        )
-        extra, router_metrics = router_objective(
-            routing, row_loss, batch["valid"][:, :prompt_len], router_opts, state["step"],
-            state["baseline"],
-        )  # fmt: skip
-        return loss + extra, (sums, router_metrics | {"distill": loss})
-
-    (loss, (sums, router_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["trainable"]
-    )
-    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-    new_state = {
-        "trainable": optax.apply_updates(state["trainable"], updates),
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
-        "rng": state["rng"],
-        # response positions trained on so far (the x-axis of agreement vs data)
-        "tokens_seen": state["tokens_seen"] + jnp.sum(batch["target_mask"], dtype=jnp.int32),
-    }
-    if routed:
-        new_state["baseline"] = router_metrics["baseline"]
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **sums, **router_metrics}
-    return new_state, metrics
-
-
-@partial(jax.jit, static_argnames=("model", "prompt_len", "chunk"))
-def eval_sums(
-    model: Yoro, frozen: Params, trainable: Params, batch, prompt_len: int, chunk: int,
-    keep: jax.Array | None = None,  # [R] fixed 0/1 gates for every row (static baselines)
-):  # fmt: skip
-    """Held-out metrics against the exact teacher (the full model's dense logits, T=1),
-    with deterministic routing; also [B] reasoning layers each row needed and [B, R] which."""
-    gates = (
-        None if keep is None else jnp.broadcast_to(keep, (batch["tokens"].shape[0], *keep.shape))
-    )
-    rows, routing = row_sums(model, frozen, trainable, batch, prompt_len, online=True,
-                             temperature=1.0, ce_weight=1.0, chunk=chunk, gates=gates)  # fmt: skip
-    sums = {key: jnp.sum(value) for key, value in rows.items() if key != "agree_positions"}
-    # agreement at generated positions 1..8: what a speculative decoder's drafts would see
-    sums["top1_at"] = jnp.sum(rows["agree_positions"][:, :AT_POSITIONS], axis=0)
-    sums["count_at"] = jnp.sum(batch["target_mask"][:, :AT_POSITIONS].astype(jnp.float32), axis=0)
-    if routing is not None:
-        sums |= {"layers": layers_needed(routing.gates), "layer_on": layers_on(routing.gates)}
-    return sums
-
-
-def heldout_metrics(
-    model: Yoro,
-    frozen: Params,
-    trainable: Params,
-    examples: list[dict[str, np.ndarray]],
-    batch_size: int,
-    pad_id: int,
-    top_k: int,
-    chunk: int,
-    keep: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Per-token means over ``examples``: dense KL to the full model (T=1), top-1 agreement
-    with it, and cross-entropy of the teacher's tokens. With a router (or fixed ``keep``
-    gates): mean reasoning layers run per prompt and each layer's skip rate."""
-    if not examples:
-        return {}
-    totals: dict[str, float] = {}
-    layers, layer_on = [], []
-    for batch in data_lib.batches(examples, batch_size, pad_id, top_k):
-        arrays, prompt_len = _to_device(batch)
-        sums = eval_sums(model, frozen, trainable, arrays, prompt_len, chunk,
-                         None if keep is None else jnp.asarray(keep, jnp.float32))  # fmt: skip
-        for key in ("kl", "ce", "top1", "count"):
-            totals[key] = totals.get(key, 0.0) + float(sums[key])
-        for key in ("top1_at", "count_at"):
-            totals[key] = totals.get(key, 0.0) + np.asarray(sums[key], np.float64)
-        if "layers" in sums:
-            layers.append(np.asarray(sums["layers"]))
-            layer_on.append(np.asarray(sums["layer_on"]))
-    count = max(totals["count"], 1.0)
-    out = {key: totals[key] / count for key in ("kl", "top1", "ce")} | {"tokens": count}
-    at = totals["top1_at"] / np.maximum(totals["count_at"], 1.0)
-    out |= {f"top1_at_{j + 1}": float(a) for j, a in enumerate(at)}
-    if layers:
-        on = np.concatenate(layer_on).astype(np.float64)
-        out |= {"reasoning_layers": float(np.concatenate(layers).mean()),
-                "layer_skip_rate": (1.0 - on.mean(axis=0)).tolist()}  # fmt: skip
-    return out
-
-
 # ------------------------------------------------------------------------- the loop
-class MetricsLog:
-    """metrics.jsonl + TensorBoard scalars."""
-
-    def __init__(self, run_dir: Path):
-        from tensorboardX import SummaryWriter
-
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = SummaryWriter(str(run_dir / "tb"))
-
-    def write(self, step: int, split: str, values: dict[str, float]) -> None:
-        row = {"step": step, "split": split, **{k: float(v) for k, v in values.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key, value in values.items():
-            self.tb.add_scalar(f"{split}/{key}", float(value), step)
-
-    def close(self) -> None:
-        self.tb.close()
-
-
-def _to_device(batch: dict[str, Any], mesh: Any = None) -> tuple[dict[str, jax.Array], int]:
-    """Batch arrays on device (split over the mesh's devices if given) + the static P."""
-    prompt_len = int(batch["prompt_len"])
-    arrays = shard_batch({k: v for k, v in batch.items() if k != "prompt_len"}, mesh)
-    return arrays, prompt_len
-
-
 class Trainer:
     """Owns the run: state, loader, checkpoints, metrics. ``run()`` trains to the end."""
 
@@ -636,7 +258,7 @@ class Trainer:
                 temperature = temperature_at(cfg.router_train, step, self.steps_per_epoch)
                 for micro in range(accum):
                     batch = next(iterator)
-                    arrays, prompt_len = _to_device(batch, self.mesh)
+                    arrays, prompt_len = to_device(batch, self.mesh)
                     new_state, m = train_step(
                         self.model, self.frozen, state, arrays,
                         tx=self.tx, prompt_len=prompt_len, loss_opts=self.loss_opts,
@@ -706,37 +328,3 @@ class Trainer:
 def train(config: str | RunConfig | None, overrides: list[str] = ()) -> dict[str, Any]:
     """Prepare (teacher data) and train; resumes automatically from RUN/checkpoints."""
     return Trainer(prepare_run(config, overrides)).run()
-
-
-# ------------------------------------------------------------------------------ plot
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def plot_losses(run_dir: Path) -> Path | None:
-    """RUN/loss.png: training loss and held-out KL against optimizer steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for split, key, label in (("train", "loss", "train loss (T_soft KL)"),
-                              ("val", "kl", "held-out KL to teacher (T=1)")):  # fmt: skip
-        points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o" if split == "val" else None, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("KL (nats / token)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = Path(run_dir) / "loss.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out

@@ -23,8 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from yoro_jax import llama
 from yoro_jax.config import LlamaConfig
 from yoro_jax.llama import Params, init_params, stack_layers, unstack_layers
+from yoro_jax.yoro import (
+    NETS_FORMAT_VERSION,
+    TRAINABLE_DIR,
+    YORO_CONFIG_FILE,
+    YoroConfig,
+    init_trainable,
+)
 
 # 2: the decoder layers stacked along a leading axis (lax.scan); 1: a list of layers
 # (read and upgraded on load). The fingerprint is the same for both.
@@ -206,3 +214,76 @@ def load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+# ------------------------------------------------------------------ YORO nets directories
+def save_yoro(
+    out: Path, ycfg: YoroConfig, trainable: Params, base_dir: Path | None, base_fingerprint: str,
+    overwrite: bool = False,
+) -> None:  # fmt: skip
+    """Write the trainable nets + YORO config + the identity of their base model."""
+    with atomic_directory(Path(out), overwrite) as tmp:
+        save_pytree(tmp / TRAINABLE_DIR, trainable)
+        meta = {
+            "format_version": NETS_FORMAT_VERSION,
+            "yoro": dataclasses.asdict(ycfg),  # includes the router's config
+            "base_model": str(Path(base_dir).absolute()) if base_dir else None,
+            "base_fingerprint": base_fingerprint,
+        }
+        (tmp / YORO_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_yoro_meta(path: Path) -> dict[str, Any]:
+    meta_path = Path(path) / YORO_CONFIG_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} holds no trained YORO nets (no {YORO_CONFIG_FILE})")
+    return json.loads(meta_path.read_text())
+
+
+def recorded_base(path: Path) -> str:
+    """The base model directory the nets in ``path`` were trained on (as saved with them)."""
+    base = read_yoro_meta(path).get("base_model")
+    if not base:
+        raise CheckpointError(f"{path} does not record its base model; give the model explicitly")
+    return base
+
+
+def load_yoro(path: Path, base: Any = None) -> tuple[YoroConfig, Params, Any]:
+    """Load YORO nets and check them against ``base`` (a loaded Model, or None: the saved path).
+
+    Returns ``(yoro config, trainable params, base model)``.
+    """
+    meta = read_yoro_meta(path)
+    if base is None:
+        base = load_model(recorded_base(path))
+    if base.fingerprint != meta["base_fingerprint"]:
+        raise CheckpointError(
+            f"the YORO nets in {path} were trained on a different base model: they expect "
+            f"fingerprint {meta['base_fingerprint'][:16]} ({meta.get('base_model')}), the given "
+            f"base {base.path} has {base.fingerprint[:16]}"
+        )
+    ycfg = YoroConfig.from_dict(meta["yoro"]).validate(base.config)
+    abstract = jax.eval_shape(
+        lambda: init_trainable(ycfg, base.config, jax.random.key(0), base.params)
+    )
+    version = meta.get("format_version", 1)
+    if version == NETS_FORMAT_VERSION:
+        return ycfg, restore_pytree(Path(path) / TRAINABLE_DIR, abstract), base
+    if version != 1:
+        raise CheckpointError(
+            f"{path}: YORO nets format_version {version} is not supported (this yoro-jax "
+            f"reads {NETS_FORMAT_VERSION} and upgrades 1)"
+        )
+    # version 1 saved the compensation layers as a list: restore that, then stack
+    old = {**abstract, "compensation": jax.eval_shape(llama.unstack_layers,
+                                                      abstract["compensation"])}  # fmt: skip
+    trainable = restore_pytree(Path(path) / TRAINABLE_DIR, old)
+    layers = trainable["compensation"]
+    trainable["compensation"] = (
+        llama.stack_layers(layers) if layers else abstract_zeros(abstract["compensation"])
+    )
+    return ycfg, trainable, base
+
+
+def abstract_zeros(abstract: Any) -> Any:
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)

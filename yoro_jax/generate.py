@@ -12,137 +12,26 @@ first real token, so every row is computed exactly as if it were alone.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from yoro_jax import llama
 from yoro_jax.batch import left_pad
 from yoro_jax.config import LlamaConfig
-from yoro_jax.llama import Params
+
+# the decoders, importable from here too (the engine's public API)
+from yoro_jax.decoders import Decoder, LlamaDecoder, RecordingDecoder, step, take_rows  # noqa: E402, F401
 from yoro_jax.sampling import SamplingConfig, sample_tokens
 from yoro_jax.sharding import shard_batch
 
 MIN_BUCKET = 16
 GREEDY = SamplingConfig()
-
-
-class Decoder(Protocol):
-    """What generation and scoring need from a model. Implementations are hashable (jit-static)."""
-
-    def prefill(
-        self, params: Any, tokens: jax.Array, valid: jax.Array, kv_valid: jax.Array
-    ) -> tuple[jax.Array, Any]:
-        """Prompt [B, P] -> (logits [B, V] at slot P-1, caches as long as kv_valid)."""
-        ...
-
-    def extend(
-        self,
-        params: Any,
-        caches: Any,
-        tokens: jax.Array,  # [B, T]
-        positions: jax.Array,  # [B, T]
-        kv_valid: jax.Array,  # [B, S], the new slots already marked valid
-        slot: jax.Array | int,
-    ) -> tuple[jax.Array, Any]:
-        """T tokens per row at slots [slot, slot+T) -> (hidden [B, T, d] before the final
-        norm, updated caches). T = 1 is a decode step; T > 1 scores a continuation."""
-        ...
-
-    def head(self, params: Any, hidden: jax.Array) -> jax.Array:
-        """Final norm + LM head: float32 logits [..., V]."""
-        ...
-
-    def reasoning_layers(self, caches: Any) -> jax.Array | None:
-        """[B] reasoning layers each prompt's prefill needed (None: no reasoning block)."""
-        ...
-
-
-def step(decoder: Decoder, params, caches, tokens, positions, kv_valid, slot):
-    """One token per row ([B, 1]) at ``slot`` -> (logits [B, V], updated caches)."""
-    hidden, caches = decoder.extend(params, caches, tokens, positions, kv_valid, slot)
-    return decoder.head(params, hidden[:, -1]), caches
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaDecoder:
-    """The unmodified base model: all N layers on every token."""
-
-    cfg: LlamaConfig
-    dtype: Any = jnp.float32
-
-    def init_caches(self, batch: int, length: int) -> Any:
-        return llama.init_cache(self.cfg, self.cfg.num_hidden_layers, batch, length, self.dtype)
-
-    def run(self, params: Params, x, rope, mask, caches, slot):
-        """All N layers over x at slots [slot, slot+T) -> (hidden, caches)."""
-        return llama.run_layers(self.cfg, params["layers"], x, rope, mask, caches, slot)
-
-    def prefill(self, params: Params, tokens, valid, kv_valid):
-        cfg, (batch, prompt_len) = self.cfg, tokens.shape
-        caches = self.init_caches(batch, kv_valid.shape[1])
-        x = llama.embed_tokens(params, tokens, self.dtype)
-        rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
-        mask = llama.attention_mask(kv_valid, 0, prompt_len)
-        x, caches = self.run(params, x, rope, mask, caches, 0)
-        return self.head(params, x[:, -1]), caches
-
-    def extend(self, params: Params, caches, tokens, positions, kv_valid, slot):
-        x = llama.embed_tokens(params, tokens, self.dtype)
-        rope = llama.rope_tables(self.cfg, positions)
-        mask = llama.attention_mask(kv_valid, slot, tokens.shape[1])
-        return self.run(params, x, rope, mask, caches, slot)
-
-    def head(self, params: Params, hidden):
-        return llama.head(self.cfg, params, hidden)
-
-    def reasoning_layers(self, caches) -> None:
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordingDecoder(LlamaDecoder):
-    """The full model, also keeping its hidden states at the inputs of the base layers
-    ``depths`` (``num_hidden_layers``: the last layer's output) for every slot it computes.
-
-    Teacher data reads YORO's frozen features from them: the states the teacher computed
-    anyway while answering, so no second pass over prompt + answer is needed. Caches are
-    ``{"layers": [...], "states": [B, len(depths), S, d]}``.
-    """
-
-    depths: tuple[int, ...] = ()
-
-    def init_caches(self, batch: int, length: int) -> Any:
-        states = jnp.zeros((batch, len(self.depths), length, self.cfg.hidden_size), self.dtype)
-        return {"layers": super().init_caches(batch, length), "states": states}
-
-    def run(self, params: Params, x, rope, mask, caches, slot):
-        h, layers, inputs = llama.run_layers(
-            self.cfg, params["layers"], x, rope, mask, caches["layers"], slot, collect=True
-        )
-        states = caches["states"]
-        if self.depths:
-            every = jnp.concatenate([inputs, h[None]], axis=0)  # [N+1, B, T, d] by depth
-            picked = jnp.moveaxis(every[jnp.asarray(self.depths)], 0, 1).astype(states.dtype)
-            states = jax.lax.dynamic_update_slice(states, picked, (0, 0, slot, 0))
-        return h, {"layers": layers, "states": states}
-
-    def recorded(self, caches) -> jax.Array:
-        """[B, len(depths), S, d] recorded states (zeros at slots never computed)."""
-        return caches["states"]
-
-
-def take_rows(caches: Any, rows: jax.Array) -> Any:
-    """Rows ``rows`` [N] of a decoder's caches: stacked K/V (the only rank-5 leaves,
-    ``[L, B, S, KVH, Dh]``) along axis 1, per-row leaves ``[B, ...]`` along axis 0."""
-    return jax.tree.map(lambda a: jnp.take(a, rows, axis=1 if a.ndim == 5 else 0), caches)
 
 
 # ------------------------------------------------------------------ on-device generation
@@ -435,118 +324,7 @@ def special_ids(cfg: LlamaConfig, tokenizer: Any) -> tuple[tuple[int, ...], int]
     return tuple(sorted(eos)), int(pad)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m yoro_jax.generate",
-        description="Generate text with a converted model (KV-cached, batched).",
-    )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="model directory from `python -m convert` (default with --yoro: the base the "
-        "YORO nets were trained on)",
-    )
-    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    parser.add_argument("--system", default=None, help="system message (with --chat)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    parser.add_argument("--no-stream", action="store_true", help="print only when finished")
-    parser.add_argument(
-        "--yoro", default=None, help="trained YORO nets (a directory from training) to decode with"
-    )
-    parser.add_argument(
-        "--compare", action="store_true", help="with --yoro: print full-model and YORO answers"
-    )
-    return parser
+if __name__ == "__main__":  # python -m yoro_jax.generate: the command line
+    from yoro_jax.generate_cli import main
 
-
-def stream_printer(tokenizer: Any, file: Any = None) -> Callable[[list[list[int]]], None]:
-    """An ``on_update`` callback that prints row 0's new text as it arrives."""
-    printed = [""]
-
-    def update(rows: list[list[int]]) -> None:
-        text = tokenizer.decode(rows[0], skip_special_tokens=True)
-        if text.startswith(printed[0]):
-            out = file or sys.stdout
-            out.write(text[len(printed[0]) :])
-            out.flush()
-            printed[0] = text
-
-    return update
-
-
-def main(argv: list[str] | None = None) -> int:
-    from yoro_jax.checkpoint import CheckpointError, load_model
-    from yoro_jax.config import ConfigError
-
-    args = build_parser().parse_args(argv)
-    if args.compare and not args.yoro:
-        print("error: --compare needs --yoro", file=sys.stderr)
-        return 2
-    if args.model is None and args.yoro is None:
-        print("error: give --model DIR (or --yoro RUN/export to use its base)", file=sys.stderr)
-        return 2
-    try:
-        if args.model is None:
-            from yoro_jax.yoro import recorded_base
-
-            args.model = recorded_base(args.yoro)
-        model = load_model(args.model, dtype=args.dtype)
-        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-        decoders = make_decoders(model, args.yoro, args.compare)
-    except (CheckpointError, ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if model.tokenizer is None:
-        print(f"error: {args.model} has no tokenizer files", file=sys.stderr)
-        return 2
-    prompts = [encode_prompt(model.tokenizer, p, args.chat, args.system) for p in args.prompt]
-    eos, pad = special_ids(model.config, model.tokenizer)
-    stream = len(prompts) == 1 and len(decoders) == 1 and not args.no_stream
-    answers = {}
-    for label, (decoder, params, layers) in decoders.items():
-        print(f"[{label}: {layers} decoder layers per generated token]", file=sys.stderr)
-        answers[label] = generate_tokens(
-            decoder, params, prompts,
-            max_new_tokens=args.max_new_tokens, eos_ids=eos, pad_id=pad, sampling=sampling,
-            seed=args.seed, tokenizer=model.tokenizer, stop=args.stop,
-            on_update=stream_printer(model.tokenizer) if stream else None,
-        )  # fmt: skip
-        needed = [c.reasoning_layers for c in answers[label] if c.reasoning_layers is not None]
-        if needed and label != "full":
-            print(f"[{label}: reasoning layers run per prompt: {needed}]", file=sys.stderr)
-    if stream:
-        print()
-        return 0
-    for row, prompt in enumerate(args.prompt):
-        print(f"### {prompt}")
-        for label, completions in answers.items():
-            prefix = f"[{label}] " if len(answers) > 1 else ""
-            print(f"{prefix}{completions[row].text}\n")
-    return 0
-
-
-def make_decoders(model: Any, yoro_path: str | None, compare: bool) -> dict[str, tuple]:
-    """label -> (decoder, params, decoder layers run per generated token)."""
-    dtype = model.params["embed"].dtype
-    cfg = model.config
-    full = (LlamaDecoder(cfg, dtype), model.params, cfg.num_hidden_layers)
-    if yoro_path is None:
-        return {"full": full}
-    from yoro_jax.yoro import Yoro, YoroDecoder, load_yoro
-
-    ycfg, trainable, _ = load_yoro(yoro_path, base=model)
-    yoro = Yoro(cfg, ycfg, dtype)
-    layers = ycfg.embedding_layers + ycfg.compensation_layers + ycfg.coherence_layers
-    entry = (YoroDecoder(yoro), (model.params, trainable), layers)
-    return {"full": full, "yoro": entry} if compare else {"yoro": entry}
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -51,8 +51,6 @@ response on caches prefilled from the reasoning pass.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -607,80 +605,6 @@ class Yoro:
             lambda a: a.astype(self.dtype), trainable["compensation"])}  # fmt: skip
 
 
-# ------------------------------------------------------------- "reason once" generation
-@dataclasses.dataclass(frozen=True)
-class YoroDecoder:
-    """:class:`~yoro_jax.generate.Decoder` for YORO; params are ``(frozen, trainable)``.
-
-    Prefill runs the reasoning block once and fills the embedding, compensation and
-    coherence caches; each step runs E + Lc + C layers and the two small MLPs. With a
-    router (or fixed ``keep_layers``, one 0/1 per reasoning layer) the reasoning pass runs
-    only the layers some prompt of the batch needs; ``caches["reasoning_layers"]`` [B]
-    counts the layers each prompt needed.
-    """
-
-    model: Yoro
-    keep_layers: tuple[int, ...] | None = None  # static gates for every prompt (baselines)
-
-    def gates(self, trainable, e, valid) -> jax.Array | None:
-        if self.keep_layers is not None:
-            keep = jnp.asarray(self.keep_layers, jnp.float32)
-            return jnp.broadcast_to(keep, (e.shape[0], keep.shape[0]))
-        routing = self.model.route(trainable, e, valid)
-        return None if routing is None else routing.gates
-
-    def prefill(self, params, tokens, valid, kv_valid):
-        frozen, trainable = params
-        m, cfg = self.model, self.model.base
-        (batch, prompt_len), length = tokens.shape, kv_valid.shape[1]
-        rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
-        cached_mask = llama.attention_mask(kv_valid, 0, prompt_len)
-        prompt_mask = llama.attention_mask(valid, 0, prompt_len)
-
-        x = llama.embed_tokens(frozen, tokens, m.dtype)
-        embedding_cache = llama.init_cache(cfg, m.ycfg.embedding_layers, batch, length, m.dtype)
-        e, embedding_cache = llama.run_layers(
-            cfg, m.embedding_layers(frozen), x, rope, cached_mask, embedding_cache, 0
-        )
-        gates = self.gates(trainable, e, valid)
-        r, h_reason, states = m.prompt_pass(frozen, e, rope, prompt_mask, gates, skip=True)
-        if m.ycfg.exact:
-            caches = m.exact_caches(frozen, trainable, states, rope, length)
-        else:
-            empty = {name: llama.init_cache(cfg, count, batch, length, m.dtype) for name, count in
-                     (("compensation", m.ycfg.compensation_layers),
-                      ("coherence", m.ycfg.coherence_layers))}  # fmt: skip
-            _, _, caches = m.yoro_path(frozen, trainable, e, r, rope, cached_mask, empty, 0)
-        caches["embedding"] = embedding_cache
-        caches["reasoning_layers"] = (
-            jnp.full((batch,), m.ycfg.num_reasoning_layers(cfg), jnp.int32)
-            if gates is None
-            else router_lib.layers_needed(gates)
-        )
-        return m.logits(frozen, h_reason[:, -1]), caches
-
-    def extend(self, params, caches, tokens, positions, kv_valid, slot):
-        """Tokens after the prompt: embedding + YORO path, no reasoning."""
-        frozen, trainable = params
-        m, cfg = self.model, self.model.base
-        rope = llama.rope_tables(cfg, positions)
-        mask = llama.attention_mask(kv_valid, slot, tokens.shape[1])
-        caches = dict(caches)
-        x = llama.embed_tokens(frozen, tokens, m.dtype)
-        e, caches["embedding"] = llama.run_layers(
-            cfg, m.embedding_layers(frozen), x, rope, mask, caches["embedding"], slot
-        )
-        h, _, path_caches = m.yoro_path(frozen, trainable, e, None, rope, mask, caches, slot)
-        return h, caches | path_caches
-
-    def head(self, params, hidden):
-        return self.model.logits(params[0], hidden)
-
-    def reasoning_layers(self, caches) -> jax.Array:
-        """[B] reasoning layers each prompt's prefill needed."""
-        return caches["reasoning_layers"]
-
-
 # ------------------------------------------------------------------------- accounting
 def param_summary(model: Yoro, frozen: Params, trainable: Params) -> dict[str, int]:
     """Parameter counts: frozen, trainable, and executed per generated token (YORO vs full)."""
@@ -708,84 +632,3 @@ def param_summary(model: Yoro, frozen: Params, trainable: Params) -> dict[str, i
         "executed_per_token_full": cfg.num_hidden_layers * per_layer + final,
         "executed_per_token_yoro": yoro_step,
     }
-
-
-# ----------------------------------------------------------------------- save / load
-def save_yoro(
-    out: Path, ycfg: YoroConfig, trainable: Params, base_dir: Path | None, base_fingerprint: str,
-    overwrite: bool = False,
-) -> None:  # fmt: skip
-    """Write the trainable nets + YORO config + the identity of their base model."""
-    from yoro_jax.checkpoint import atomic_directory, save_pytree
-
-    with atomic_directory(Path(out), overwrite) as tmp:
-        save_pytree(tmp / TRAINABLE_DIR, trainable)
-        meta = {
-            "format_version": NETS_FORMAT_VERSION,
-            "yoro": dataclasses.asdict(ycfg),  # includes the router's config
-            "base_model": str(Path(base_dir).absolute()) if base_dir else None,
-            "base_fingerprint": base_fingerprint,
-        }
-        (tmp / YORO_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def read_yoro_meta(path: Path) -> dict[str, Any]:
-    from yoro_jax.checkpoint import CheckpointError
-
-    meta_path = Path(path) / YORO_CONFIG_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path} holds no trained YORO nets (no {YORO_CONFIG_FILE})")
-    return json.loads(meta_path.read_text())
-
-
-def recorded_base(path: Path) -> str:
-    """The base model directory the nets in ``path`` were trained on (as saved with them)."""
-    from yoro_jax.checkpoint import CheckpointError
-
-    base = read_yoro_meta(path).get("base_model")
-    if not base:
-        raise CheckpointError(f"{path} does not record its base model; give the model explicitly")
-    return base
-
-
-def load_yoro(path: Path, base: Any = None) -> tuple[YoroConfig, Params, Any]:
-    """Load YORO nets and check them against ``base`` (a loaded Model, or None: the saved path).
-
-    Returns ``(yoro config, trainable params, base model)``.
-    """
-    from yoro_jax.checkpoint import CheckpointError, load_model, restore_pytree
-
-    meta = read_yoro_meta(path)
-    if base is None:
-        base = load_model(recorded_base(path))
-    if base.fingerprint != meta["base_fingerprint"]:
-        raise CheckpointError(
-            f"the YORO nets in {path} were trained on a different base model: they expect "
-            f"fingerprint {meta['base_fingerprint'][:16]} ({meta.get('base_model')}), the given "
-            f"base {base.path} has {base.fingerprint[:16]}"
-        )
-    ycfg = YoroConfig.from_dict(meta["yoro"]).validate(base.config)
-    abstract = jax.eval_shape(
-        lambda: init_trainable(ycfg, base.config, jax.random.key(0), base.params)
-    )
-    version = meta.get("format_version", 1)
-    if version == NETS_FORMAT_VERSION:
-        return ycfg, restore_pytree(Path(path) / TRAINABLE_DIR, abstract), base
-    if version != 1:
-        raise CheckpointError(
-            f"{path}: YORO nets format_version {version} is not supported (this yoro-jax "
-            f"reads {NETS_FORMAT_VERSION} and upgrades 1)"
-        )
-    # version 1 saved the compensation layers as a list: restore that, then stack
-    old = {**abstract, "compensation": jax.eval_shape(llama.unstack_layers,
-                                                      abstract["compensation"])}  # fmt: skip
-    trainable = restore_pytree(Path(path) / TRAINABLE_DIR, old)
-    layers = trainable["compensation"]
-    trainable["compensation"] = (
-        llama.stack_layers(layers) if layers else abstract_zeros(abstract["compensation"])
-    )
-    return ycfg, trainable, base
-
-
-def abstract_zeros(abstract: Any) -> Any:
-    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)

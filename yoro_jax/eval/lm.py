@@ -29,8 +29,9 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from yoro_jax.checkpoint import Model
+from yoro_jax.decoders import make_decoders
 from yoro_jax.eval.scoring import score_pairs
-from yoro_jax.generate import generate_tokens, make_decoders, special_ids
+from yoro_jax.generate import generate_tokens, special_ids
 from yoro_jax.models import resolve_model
 from yoro_jax.sampling import SamplingConfig
 from yoro_jax.sharding import MeshConfig, make_mesh, shard_params
@@ -88,7 +89,7 @@ def load_base(model: str | None, nets: Path | None, dtype: str | None) -> Model:
     if model is None:
         if nets is None:
             raise ValueError("model_args need model=DIR (or yoro=NETS, which records its base)")
-        from yoro_jax.yoro import recorded_base
+        from yoro_jax.checkpoint import recorded_base
 
         model = recorded_base(nets)
     return resolve_model(model, dtype)

@@ -1,0 +1,113 @@
+"""``python -m yoro_jax.generate``: chat with the full model and/or trained YORO nets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from yoro_jax.decoders import make_decoders
+from yoro_jax.generate import encode_prompt, generate_tokens, special_ids
+from yoro_jax.sampling import SamplingConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m yoro_jax.generate",
+        description="Generate text with a converted model (KV-cached, batched).",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model directory from `python -m convert` (default with --yoro: the base the "
+        "YORO nets were trained on)",
+    )
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    parser.add_argument("--system", default=None, help="system message (with --chat)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    parser.add_argument("--no-stream", action="store_true", help="print only when finished")
+    parser.add_argument(
+        "--yoro", default=None, help="trained YORO nets (a directory from training) to decode with"
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="with --yoro: print full-model and YORO answers"
+    )
+    return parser
+
+
+def stream_printer(tokenizer: Any, file: Any = None) -> Callable[[list[list[int]]], None]:
+    """An ``on_update`` callback that prints row 0's new text as it arrives."""
+    printed = [""]
+
+    def update(rows: list[list[int]]) -> None:
+        text = tokenizer.decode(rows[0], skip_special_tokens=True)
+        if text.startswith(printed[0]):
+            out = file or sys.stdout
+            out.write(text[len(printed[0]) :])
+            out.flush()
+            printed[0] = text
+
+    return update
+
+
+def main(argv: list[str] | None = None) -> int:
+    from yoro_jax.checkpoint import CheckpointError, load_model
+    from yoro_jax.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    if args.compare and not args.yoro:
+        print("error: --compare needs --yoro", file=sys.stderr)
+        return 2
+    if args.model is None and args.yoro is None:
+        print("error: give --model DIR (or --yoro RUN/export to use its base)", file=sys.stderr)
+        return 2
+    try:
+        if args.model is None:
+            from yoro_jax.checkpoint import recorded_base
+
+            args.model = recorded_base(args.yoro)
+        model = load_model(args.model, dtype=args.dtype)
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+        decoders = make_decoders(model, args.yoro, args.compare)
+    except (CheckpointError, ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if model.tokenizer is None:
+        print(f"error: {args.model} has no tokenizer files", file=sys.stderr)
+        return 2
+    prompts = [encode_prompt(model.tokenizer, p, args.chat, args.system) for p in args.prompt]
+    eos, pad = special_ids(model.config, model.tokenizer)
+    stream = len(prompts) == 1 and len(decoders) == 1 and not args.no_stream
+    answers = {}
+    for label, (decoder, params, layers) in decoders.items():
+        print(f"[{label}: {layers} decoder layers per generated token]", file=sys.stderr)
+        answers[label] = generate_tokens(
+            decoder, params, prompts,
+            max_new_tokens=args.max_new_tokens, eos_ids=eos, pad_id=pad, sampling=sampling,
+            seed=args.seed, tokenizer=model.tokenizer, stop=args.stop,
+            on_update=stream_printer(model.tokenizer) if stream else None,
+        )  # fmt: skip
+        needed = [c.reasoning_layers for c in answers[label] if c.reasoning_layers is not None]
+        if needed and label != "full":
+            print(f"[{label}: reasoning layers run per prompt: {needed}]", file=sys.stderr)
+    if stream:
+        print()
+        return 0
+    for row, prompt in enumerate(args.prompt):
+        print(f"### {prompt}")
+        for label, completions in answers.items():
+            prefix = f"[{label}] " if len(answers) > 1 else ""
+            print(f"{prefix}{completions[row].text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
