@@ -131,6 +131,7 @@ def worker(model_dir: str) -> dict[str, float]:
 
     start_clock()
     measure("train_step", train)
+    trainable = holder["state"]["trainable"]  # the step donated the initial buffers
 
     # ---- generation: prefill and the decode loop (batch 1, 32 new tokens)
     prompt = jnp.asarray(rng.randint(10, cfg.vocab_size, (1, 32)), jnp.int32)
@@ -244,6 +245,7 @@ def cold_transformers(hf_dir: Path) -> float:
         f"m = AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}, dtype=torch.float32); "
         f"ids = tok.apply_chat_template([{{'role': 'user', 'content': {PROMPT!r}}}], "
         "add_generation_prompt=True, return_tensors='pt'); "
+        "ids = ids['input_ids'] if hasattr(ids, 'keys') else ids; "
         "m.generate(ids, max_new_tokens=1, do_sample=False)"
     )
     start = time.perf_counter()
@@ -264,12 +266,17 @@ def export_hf(model_dir: Path, out: Path) -> Path:
     from yoro_jax.convert.smollm2 import fetch_smollm2_gguf
 
     gguf = fetch_smollm2_gguf()
-    hf = AutoModelForCausalLM.from_pretrained(
+    loaded = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # a GGUF load is marked "quantized"
+        del config.quantization_config
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf.load_state_dict(loaded.state_dict())
     hf.save_pretrained(out)
     for name in model_dir.iterdir():  # the tokenizer files saved with the model
-        if name.name.startswith(("tokenizer", "special_tokens")):
+        if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             (out / name.name).write_bytes(name.read_bytes())
     return out
 
@@ -295,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = export_tree(args.baseline, Path(tmp) / "baseline")
         results = {"scan": run_worker(REPO, model_dir), "unrolled": run_worker(old_tree, model_dir)}
+        print("workers: " + json.dumps(results), file=sys.stderr)
         cold = {}
         if not args.skip_cold:
             hf_dir = export_hf(model_dir, Path(tmp) / "hf")

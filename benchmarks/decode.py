@@ -42,9 +42,13 @@ def hf_tokens_per_s(model_dir, gguf, prompts, new_tokens, repeats) -> float:
     def run():
         with torch.no_grad():
             out = hf.generate(
-                ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, pad_token_id=0,
-            )  # fmt: skip
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
         assert out.shape[1] == width + new_tokens
 
     return len(prompts) * new_tokens / best_of(run, repeats)
@@ -82,16 +86,21 @@ def main() -> None:
         hf_tps = (
             float("nan")
             if args.skip_hf
-            else hf_tokens_per_s(model_dir, fetch_smollm2_gguf(), prompts, args.new_tokens,
-                                 args.repeats)
-        )  # fmt: skip
+            else hf_tokens_per_s(
+                model_dir, fetch_smollm2_gguf(), prompts, args.new_tokens, args.repeats
+            )
+        )
         of_roofline = f"{100 * ours_tps / roofline:.0f}%" if batch == 1 else "-"
         rows.append([batch, ours_tps, hf_tps, ours_tps / hf_tps, of_roofline])
-    print(f"\nmachine: {platform.processor() or platform.machine()}, jax {jax.__version__}, "
-          f"devices {jax.devices()}")  # fmt: skip
-    print(f"weights read per decode step: {weight_bytes / 1e6:.1f} MB; "
-          f"measured read bandwidth: {bandwidth:.1f} GB/s; "
-          f"batch-1 roofline: {roofline:.1f} tokens/s")  # fmt: skip
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, jax {jax.__version__}, "
+        f"devices {jax.devices()}"
+    )
+    print(
+        f"weights read per decode step: {weight_bytes / 1e6:.1f} MB; "
+        f"measured read bandwidth: {bandwidth:.1f} GB/s; "
+        f"batch-1 roofline: {roofline:.1f} tokens/s"
+    )
     print(f"{args.new_tokens} new tokens per sequence (prefill included), best of {args.repeats}\n")
     headers = ["batch", "yoro-jax tok/s", "transformers tok/s", "ratio", "of roofline"]
     print(markdown_table(headers, rows))

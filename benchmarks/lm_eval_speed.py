@@ -37,8 +37,9 @@ def timed_eval(lm: Any, task: str, limit: int | None) -> tuple[float, dict]:
 
     manager = TaskManager(include_path=str(TASKS_DIR))
     start = time.perf_counter()
-    out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True,
-                          limit=limit)  # fmt: skip
+    out = simple_evaluate(
+        model=lm, tasks=[task], task_manager=manager, log_samples=True, limit=limit
+    )
     return time.perf_counter() - start, out
 
 
@@ -77,21 +78,41 @@ def main(argv: list[str] | None = None) -> None:
         same_text = all(
             a["resps"] == b["resps"] for a, b in zip(ref_samples, our_samples, strict=True)
         )
-        rows.append([
-            task, len(ref_samples), f"{hf_s:.1f}", f"{cold_s:.1f}", f"{warm_s:.1f}",
-            f"{hf_s / cold_s:.2f}x", f"{hf_s / warm_s:.2f}x",
-            f"{hf_out['results'][task].get(metric, float('nan')):.4f} / "
-            f"{our_out['results'][task].get(metric, float('nan')):.4f}",
-            f"{max(diffs):.1e}" if diffs else ("identical" if same_text else "DIFFERENT"),
-        ])  # fmt: skip
+        rows.append(
+            [
+                task,
+                len(ref_samples),
+                f"{hf_s:.1f}",
+                f"{cold_s:.1f}",
+                f"{warm_s:.1f}",
+                f"{hf_s / cold_s:.2f}x",
+                f"{hf_s / warm_s:.2f}x",
+                f"{hf_out['results'][task].get(metric, float('nan')):.4f} / "
+                f"{our_out['results'][task].get(metric, float('nan')):.4f}",
+                f"{max(diffs):.1e}" if diffs else ("identical" if same_text else "DIFFERENT"),
+            ]
+        )
     cpu = platform.processor() or platform.machine()
-    print(f"\nlm-eval wall time, SmolLM2-135M float32, batch {args.batch_size}, {cpu}, "
-          f"torch threads {torch.get_num_threads()}\n")  # fmt: skip
-    print(markdown_table(
-        ["task", "docs", "hf s", "yoro-jax cold s", "yoro-jax warm s", "speedup cold",
-         "speedup warm", "metric hf / ours", "max |Δ loglik| or texts"],
-        rows,
-    ))  # fmt: skip
+    print(
+        f"\nlm-eval wall time, SmolLM2-135M float32, batch {args.batch_size}, {cpu}, "
+        f"torch threads {torch.get_num_threads()}\n"
+    )
+    print(
+        markdown_table(
+            [
+                "task",
+                "docs",
+                "hf s",
+                "yoro-jax cold s",
+                "yoro-jax warm s",
+                "speedup cold",
+                "speedup warm",
+                "metric hf / ours",
+                "max |Δ loglik| or texts",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

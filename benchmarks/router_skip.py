@@ -56,17 +56,39 @@ def main() -> None:
             gates[row, layers] = rng.rand(needed) < 0.7
         gates[0, layers] = 1.0  # row 0 needs them all: the batch needs exactly `needed`
         device_gates = jnp.asarray(gates)
-        times = {skip: best_of(lambda p=p, g=device_gates: p(g)[0].block_until_ready(),
-                               args.repeats) for skip, p in programs.items()}  # fmt: skip
+        times = {
+            skip: best_of(lambda p=p, g=device_gates: p(g)[0].block_until_ready(), args.repeats)
+            for skip, p in programs.items()
+        }
         base = base or times
-        rows.append([needed, f"{num}", f"{1e3 * times[True]:.1f}", f"{1e3 * times[False]:.1f}",
-                     f"{times[True] / base[True]:.2f}", f"{needed / num:.2f}"])  # fmt: skip
-    print(f"\nreasoning pass of {num} layers, batch {args.batch} x {args.prompt_len} prompt "
-          f"tokens, {frozen['embed'].dtype}; jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}; best of {args.repeats}")  # fmt: skip
-    print(markdown_table(
-        ["layers the batch needs", "of", "skip: ms", "mask: ms", "skip time / all layers",
-         "ideal"], rows))  # fmt: skip
+        rows.append(
+            [
+                needed,
+                f"{num}",
+                f"{1e3 * times[True]:.1f}",
+                f"{1e3 * times[False]:.1f}",
+                f"{times[True] / base[True]:.2f}",
+                f"{needed / num:.2f}",
+            ]
+        )
+    print(
+        f"\nreasoning pass of {num} layers, batch {args.batch} x {args.prompt_len} prompt "
+        f"tokens, {frozen['embed'].dtype}; jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}; best of {args.repeats}"
+    )
+    print(
+        markdown_table(
+            [
+                "layers the batch needs",
+                "of",
+                "skip: ms",
+                "mask: ms",
+                "skip time / all layers",
+                "ideal",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,12 +46,14 @@ def synthetic_batch(batch: int, prompt_len: int, response_len: int, vocab: int, 
         p = prompt_len - (row * prompt_len) // (2 * batch)
         r = response_len - (row * response_len) // (2 * batch)
         logp = np.sort(np.log(rng.dirichlet(np.ones(TOP_K) * 0.3, size=r)), -1)[:, ::-1]
-        examples.append({
-            "prompt": rng.randint(10, vocab, p).astype(np.int32),
-            "response": rng.randint(10, vocab, r).astype(np.int32),
-            "top_ids": rng.randint(0, vocab, (r, TOP_K)).astype(np.int32),
-            "top_logprobs": logp.astype(np.float32),
-        })  # fmt: skip
+        examples.append(
+            {
+                "prompt": rng.randint(10, vocab, p).astype(np.int32),
+                "response": rng.randint(10, vocab, r).astype(np.int32),
+                "top_ids": rng.randint(0, vocab, (r, TOP_K)).astype(np.int32),
+                "top_logprobs": logp.astype(np.float32),
+            }
+        )
     return collate(examples, pad_id=0, top_k=TOP_K)
 
 
@@ -72,23 +74,34 @@ def jax_step_fn(model_dir, batch, ycfg=YCFG, features: bool = False, remat_logit
     model = Yoro(base.config, ycfg, jnp.float32)
     trainable = init_trainable(ycfg, base.config, jax.random.key(0), base.params)
     tx = make_optimizer(cfg, total_steps=1000)
-    state = {"trainable": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0),
-             "rng": jax.random.key_data(jax.random.key(0)),
-             "tokens_seen": jnp.int32(0)}  # fmt: skip
+    state = {
+        "trainable": trainable,
+        "opt_state": tx.init(trainable),
+        "step": jnp.int32(0),
+        "rng": jax.random.key_data(jax.random.key(0)),
+        "tokens_seen": jnp.int32(0),
+    }
     arrays = {k: jnp.asarray(v) for k, v in batch.items() if k != "prompt_len"}
     if features:  # what the teacher shards hold (computed once, outside the timed step)
         frozen_features = jax.jit(model.frozen_features, static_argnums=3)
-        arrays |= frozen_features(base.params, arrays["tokens"], arrays["valid"],
-                                  batch["prompt_len"])  # fmt: skip
-    opts = loss_options(LossSection(soft_temperature=TEMPERATURE, logits_chunk=32,
-                                    remat_logits=remat_logits))  # fmt: skip
+        arrays |= frozen_features(
+            base.params, arrays["tokens"], arrays["valid"], batch["prompt_len"]
+        )
+    opts = loss_options(
+        LossSection(soft_temperature=TEMPERATURE, logits_chunk=32, remat_logits=remat_logits)
+    )
     holder = {"state": state}
 
     def step():
         holder["state"], metrics = train_step(
-            model, base.params, holder["state"], arrays,
-            tx=tx, prompt_len=batch["prompt_len"], loss_opts=opts,
-        )  # fmt: skip
+            model,
+            base.params,
+            holder["state"],
+            arrays,
+            tx=tx,
+            prompt_len=batch["prompt_len"],
+            loss_opts=opts,
+        )
         return float(metrics["loss"])
 
     return step
@@ -100,12 +113,20 @@ def teacher_prompts_per_s(model_dir, batch, new_tokens: int) -> float:
     n = base.config.num_hidden_layers
     decoder = RecordingDecoder(base.config, jnp.float32, (2, 26, 27, 28, 29, n))
     prompts = [row[v].tolist() for row, v in zip(batch["tokens"], batch["valid"], strict=True)]
-    prompts = [p[: len(p) - int(r)] for p, r in zip(prompts, batch["target_mask"].sum(1),
-                                                     strict=True)]  # fmt: skip
+    prompts = [
+        p[: len(p) - int(r)] for p, r in zip(prompts, batch["target_mask"].sum(1), strict=True)
+    ]
 
     def run():
-        generate_tokens(decoder, base.params, prompts, max_new_tokens=new_tokens, eos_ids=[],
-                        pad_id=0, record_top_k=TOP_K)  # fmt: skip
+        generate_tokens(
+            decoder,
+            base.params,
+            prompts,
+            max_new_tokens=new_tokens,
+            eos_ids=[],
+            pad_id=0,
+            record_top_k=TOP_K,
+        )
 
     return len(prompts) / time_steps(run, 1)
 
@@ -169,8 +190,13 @@ def torch_step_fn(gguf, batch, threads: int):
         x = hf.model.embed_tokens(tokens)
         e = run(layers[: YCFG.embedding_layers], x, rope, mask, positions)
         with torch.no_grad():
-            r = run(layers[YCFG.embedding_layers : n - YCFG.coherence_layers], e[:, :p],
-                    rope_p, mask_p, positions[:, :p])  # fmt: skip
+            r = run(
+                layers[YCFG.embedding_layers : n - YCFG.coherence_layers],
+                e[:, :p],
+                rope_p,
+                mask_p,
+                positions[:, :p],
+            )
         coherence = layers[n - YCFG.coherence_layers :]
         h_reason = run(coherence, r, rope_p, mask_p, positions[:, :p])
         comp = run(compensation, e, rope, mask, positions)
@@ -213,27 +239,40 @@ def main() -> None:
     for name, make in (
         ("yoro-jax, stored features", lambda: jax_step_fn(model_dir, batch, features=True)),
         ("yoro-jax, recompute", lambda: jax_step_fn(model_dir, batch)),
-        ("PyTorch + transformers (recompute)",
-         lambda: torch_step_fn(fetch_smollm2_gguf(), batch, args.threads)),
-        ("yoro-jax, preset exact, stored features",
-         lambda: jax_step_fn(model_dir, batch, EXACT, features=True)),
-        ("yoro-jax, stored features, logits kept (remat_logits: false)",
-         lambda: jax_step_fn(model_dir, batch, features=True, remat_logits=False)),
-        ("yoro-jax, preset exact, stored features, logits kept",
-         lambda: jax_step_fn(model_dir, batch, EXACT, features=True, remat_logits=False)),
-    ):  # fmt: skip
+        (
+            "PyTorch + transformers (recompute)",
+            lambda: torch_step_fn(fetch_smollm2_gguf(), batch, args.threads),
+        ),
+        (
+            "yoro-jax, preset exact, stored features",
+            lambda: jax_step_fn(model_dir, batch, EXACT, features=True),
+        ),
+        (
+            "yoro-jax, stored features, logits kept (remat_logits: false)",
+            lambda: jax_step_fn(model_dir, batch, features=True, remat_logits=False),
+        ),
+        (
+            "yoro-jax, preset exact, stored features, logits kept",
+            lambda: jax_step_fn(model_dir, batch, EXACT, features=True, remat_logits=False),
+        ),
+    ):
         seconds = time_steps(make(), args.steps)
         rows.append([name, seconds * 1e3, tokens / seconds, responses / seconds])
     teacher = teacher_prompts_per_s(model_dir, batch, args.response_len)
     torch_ms = rows[2][1]
-    print(f"SmolLM2-135M float32 CPU, {jax.device_count()} XLA device(s); batch {args.batch}, "
-          f"bucketed layout [B={args.batch}, P={batch['prompt_len']}, "
-          f"R={batch['targets'].shape[1]}], {tokens} real tokens ({responses} response "
-          "positions) per step")  # fmt: skip
-    print(markdown_table(["implementation", "ms / step", "tokens / s", "training tokens / s"],
-                         rows))  # fmt: skip
-    print(f"\nteacher generation (batch {args.batch}, {args.response_len} new tokens, recording "
-          f"features): {teacher:.2f} prompts/s")  # fmt: skip
+    print(
+        f"SmolLM2-135M float32 CPU, {jax.device_count()} XLA device(s); batch {args.batch}, "
+        f"bucketed layout [B={args.batch}, P={batch['prompt_len']}, "
+        f"R={batch['targets'].shape[1]}], {tokens} real tokens ({responses} response "
+        "positions) per step"
+    )
+    print(
+        markdown_table(["implementation", "ms / step", "tokens / s", "training tokens / s"], rows)
+    )
+    print(
+        f"\nteacher generation (batch {args.batch}, {args.response_len} new tokens, recording "
+        f"features): {teacher:.2f} prompts/s"
+    )
     print(
         f"result: stored_vs_torch={torch_ms / rows[0][1]:.2f} "
         f"recompute_vs_torch={torch_ms / rows[1][1]:.2f} "

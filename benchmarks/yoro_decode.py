@@ -32,8 +32,9 @@ SPLITS = {
 
 def tokens_per_s(decoder, params, prompts, new_tokens, repeats) -> float:
     def run():
-        out = generate_tokens(decoder, params, prompts, max_new_tokens=new_tokens, eos_ids=[],
-                              pad_id=0)  # fmt: skip
+        out = generate_tokens(
+            decoder, params, prompts, max_new_tokens=new_tokens, eos_ids=[], pad_id=0
+        )
         assert all(len(c.tokens) == new_tokens for c in out)
 
     return len(prompts) * new_tokens / best_of(run, repeats)
@@ -69,19 +70,43 @@ def main() -> None:
             )
             predicted = summary["executed_per_token_full"] / summary["executed_per_token_yoro"]
             realised = yoro_tps / full_tps
-            rows.append([batch, name, full_tps, yoro_tps, realised, predicted,
-                         f"{100 * realised / predicted:.0f}%"])  # fmt: skip
+            rows.append(
+                [
+                    batch,
+                    name,
+                    full_tps,
+                    yoro_tps,
+                    realised,
+                    predicted,
+                    f"{100 * realised / predicted:.0f}%",
+                ]
+            )
     platform = jax.devices()[0].platform
-    print(f"\nSmolLM2-135M-Instruct, {dtype}, {args.new_tokens} new tokens, prefill included, "
-          f"best of {args.repeats}; jax {jax.__version__} on {platform}")  # fmt: skip
+    print(
+        f"\nSmolLM2-135M-Instruct, {dtype}, {args.new_tokens} new tokens, prefill included, "
+        f"best of {args.repeats}; jax {jax.__version__} on {platform}"
+    )
     for name, (_, _, s) in yoros.items():
-        print(f"  {name}: {s['executed_per_token_full'] * bytes_per_param / 1e6:.1f} MB vs "
-              f"{s['executed_per_token_yoro'] * bytes_per_param / 1e6:.1f} MB of weights "
-              f"read per step; trainable params {s['trainable'] / 1e6:.2f} M")  # fmt: skip
+        print(
+            f"  {name}: {s['executed_per_token_full'] * bytes_per_param / 1e6:.1f} MB vs "
+            f"{s['executed_per_token_yoro'] * bytes_per_param / 1e6:.1f} MB of weights "
+            f"read per step; trainable params {s['trainable'] / 1e6:.2f} M"
+        )
     print()
-    print(markdown_table(
-        ["batch", "split", "full tok/s", "YORO tok/s", "realised ×", "predicted ×",
-         "realised/predicted"], rows))  # fmt: skip
+    print(
+        markdown_table(
+            [
+                "batch",
+                "split",
+                "full tok/s",
+                "YORO tok/s",
+                "realised ×",
+                "predicted ×",
+                "realised/predicted",
+            ],
+            rows,
+        )
+    )
 
     # The original's comparison: parallel teacher forcing vs token-by-token generation.
     yoro, trainable, _ = yoros["E2 C2 Lc2 (reference)"]
@@ -90,24 +115,45 @@ def main() -> None:
     forward = jax.jit(yoro.forward, static_argnums=4)
     loop_rows = []
     for n in args.loop_tokens:
-        tokens, valid, _ = prompt_response_layout([prompt], [[1] * n], boundary,
-                                                  boundary + bucket(n), 0)  # fmt: skip
+        tokens, valid, _ = prompt_response_layout(
+            [prompt], [[1] * n], boundary, boundary + bucket(n), 0
+        )
 
         def teacher_forcing(tokens=tokens, valid=valid):
             forward(frozen, trainable, tokens, valid, boundary).block_until_ready()
 
         tf = best_of(teacher_forcing, args.repeats)
-        cached = best_of(lambda n=n: generate_tokens(
-            YoroDecoder(yoro), (frozen, trainable), [prompt], max_new_tokens=n, eos_ids=[],
-            pad_id=0), args.repeats)  # fmt: skip
-        full_time = best_of(lambda n=n: generate_tokens(
-            full, frozen, [prompt], max_new_tokens=n, eos_ids=[], pad_id=0),
-            args.repeats)  # fmt: skip
+        cached = best_of(
+            lambda n=n: generate_tokens(
+                YoroDecoder(yoro),
+                (frozen, trainable),
+                [prompt],
+                max_new_tokens=n,
+                eos_ids=[],
+                pad_id=0,
+            ),
+            args.repeats,
+        )
+        full_time = best_of(
+            lambda n=n: generate_tokens(
+                full, frozen, [prompt], max_new_tokens=n, eos_ids=[], pad_id=0
+            ),
+            args.repeats,
+        )
         loop_rows.append([n, tf * 1e3, cached * 1e3, full_time * 1e3, full_time / cached])
     print("\nTeacher forcing (one parallel pass) vs token-by-token generation, batch 1:\n")
-    print(markdown_table(
-        ["new tokens", "TF pass ms", "YORO generate ms", "full generate ms",
-         "full/YORO generate"], loop_rows))  # fmt: skip
+    print(
+        markdown_table(
+            [
+                "new tokens",
+                "TF pass ms",
+                "YORO generate ms",
+                "full generate ms",
+                "full/YORO generate",
+            ],
+            loop_rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,15 @@ QUIET_EVAL = ["eval.sample_prompts=[]", "eval.every_steps=1000"]
 
 # The fast tier (`pytest -m "not slow"`, the inner loop) leaves out the tests on the real
 # model, those that share the smoke training run, and the ones marked slow by hand.
-SLOW_FIXTURES = {"smollm2", "smollm2_dir", "smollm2_hf", "smollm2_gguf", "smoke_run"}
+SLOW_FIXTURES = {
+    "smollm2",
+    "smollm2_dir",
+    "smollm2_hf",
+    "smollm2_gguf",  # the real model
+    "smoke_run",  # the shared smoke training run
+    "exact_f32",  # a feature-recording teacher run (test_features)
+    "report",  # the 8-device sharded checks subprocess (test_sharding)
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -108,9 +116,13 @@ def cached_logits(decoder, params, prompts, continuations, width):
     for i in range(steps - 1):
         kv_valid = kv_valid.at[:, width + i].set(True)
         logits, caches = step(
-            params, caches, continuations[:, i : i + 1], (positions + i)[:, None], kv_valid,
+            params,
+            caches,
+            continuations[:, i : i + 1],
+            (positions + i)[:, None],
+            kv_valid,
             width + i,
-        )  # fmt: skip
+        )
         out.append(logits)
     return np.stack([np.asarray(x) for x in out], axis=1)
 

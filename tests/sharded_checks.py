@@ -36,18 +36,22 @@ def synthetic_batch(vocab: int, rows: int = 8, top_k: int = 4) -> dict:
     for _ in range(rows):
         n = rng.randint(3, 12)
         top = rng.randint(3, vocab, (n, top_k)).astype(np.int32)
-        examples.append({
-            "prompt": rng.randint(3, vocab, rng.randint(2, 14)).astype(np.int32),
-            "response": top[:, 0],
-            "top_ids": top,
-            "top_logprobs": np.sort(rng.randn(n, top_k).astype(np.float32), -1)[:, ::-1] - 1,
-        })  # fmt: skip
+        examples.append(
+            {
+                "prompt": rng.randint(3, vocab, rng.randint(2, 14)).astype(np.int32),
+                "response": top[:, 0],
+                "top_ids": top,
+                "top_logprobs": np.sort(rng.randn(n, top_k).astype(np.float32), -1)[:, ::-1] - 1,
+            }
+        )
     return collate(examples, pad_id=0, top_k=top_k)
 
 
 def max_diff(a, b) -> float:
-    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))  # fmt: skip
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max())
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def sharded_leaves(tree) -> int:
@@ -67,32 +71,50 @@ def main() -> dict:
 
     def fresh_state():  # host copies: train_step donates (deletes) the state it is given
         host = jax.tree.map(np.array, trainable)
-        return jax.tree.map(np.array, {"trainable": host, "opt_state": tx.init(host),
-                                       "step": np.int32(0), "tokens_seen": np.int32(0),
-                                       "rng": jax.random.key_data(jax.random.key(1))})  # fmt: skip
+        return jax.tree.map(
+            np.array,
+            {
+                "trainable": host,
+                "opt_state": tx.init(host),
+                "step": np.int32(0),
+                "tokens_seen": np.int32(0),
+                "rng": jax.random.key_data(jax.random.key(1)),
+            },
+        )
 
     step = dict(model=model, tx=tx, prompt_len=prompt_len, loss_opts=LOSS_OPTS)
-    ref_state, ref_metrics = train_step(frozen=base.params, state=fresh_state(),
-                                        batch=shard_batch(batch, None), **step)  # fmt: skip
+    ref_state, ref_metrics = train_step(
+        frozen=base.params, state=fresh_state(), batch=shard_batch(batch, None), **step
+    )
     report: dict = {"train": {}, "generate": {}, "score": {}}
     rng = np.random.RandomState(3)
-    pairs = [(rng.randint(3, 300, rng.randint(2, 20)).tolist(),
-              rng.randint(3, 300, rng.randint(1, 6)).tolist()) for _ in range(11)]  # fmt: skip
+    pairs = [
+        (
+            rng.randint(3, 300, rng.randint(2, 20)).tolist(),
+            rng.randint(3, 300, rng.randint(1, 6)).tolist(),
+        )
+        for _ in range(11)
+    ]
     pairs += [(pairs[0][0], [7, 8]), (pairs[0][0], [9])]  # shared contexts
-    ref_scores = score_pairs(YoroDecoder(model), (base.params, trainable), pairs, batch_size=4,
-                             pad_id=0)  # fmt: skip
+    ref_scores = score_pairs(
+        YoroDecoder(model), (base.params, trainable), pairs, batch_size=4, pad_id=0
+    )
     prompts = [list(range(5, 5 + n)) for n in (3, 9, 5, 12, 7)]  # 5 rows: not a multiple of 8
     gen = dict(max_new_tokens=10, eos_ids=(2,), pad_id=0)
-    ref_full = [c.tokens for c in generate_tokens(LlamaDecoder(base.config), base.params, prompts,
-                                                  **gen)]  # fmt: skip
-    ref_yoro = [c.tokens for c in generate_tokens(YoroDecoder(model), (base.params, trainable),
-                                                  prompts, **gen)]  # fmt: skip
+    ref_full = [
+        c.tokens for c in generate_tokens(LlamaDecoder(base.config), base.params, prompts, **gen)
+    ]
+    ref_yoro = [
+        c.tokens
+        for c in generate_tokens(YoroDecoder(model), (base.params, trainable), prompts, **gen)
+    ]
     for data, fsdp in MESHES:
         mesh = make_mesh(MeshConfig(data, fsdp))
         frozen = shard_params(base.params, mesh)
         state = shard_params(fresh_state(), mesh)
-        new_state, metrics = train_step(frozen=frozen, state=state,
-                                        batch=shard_batch(batch, mesh), **step)  # fmt: skip
+        new_state, metrics = train_step(
+            frozen=frozen, state=state, batch=shard_batch(batch, mesh), **step
+        )
         report["train"][f"{data}x{fsdp}"] = {
             "loss_diff": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
             "params_diff": max_diff(new_state["trainable"], ref_state["trainable"]),
@@ -101,10 +123,17 @@ def main() -> dict:
             "sharded_state_leaves": sharded_leaves(new_state),
         }
         full = generate_tokens(LlamaDecoder(base.config), frozen, prompts, mesh=mesh, **gen)
-        yoro = generate_tokens(YoroDecoder(model), (frozen, shard_params(trainable, mesh)),
-                               prompts, mesh=mesh, **gen)  # fmt: skip
-        scores = score_pairs(YoroDecoder(model), (frozen, shard_params(trainable, mesh)), pairs,
-                             batch_size=4, pad_id=0, mesh=mesh)  # fmt: skip
+        yoro = generate_tokens(
+            YoroDecoder(model), (frozen, shard_params(trainable, mesh)), prompts, mesh=mesh, **gen
+        )
+        scores = score_pairs(
+            YoroDecoder(model),
+            (frozen, shard_params(trainable, mesh)),
+            pairs,
+            batch_size=4,
+            pad_id=0,
+            mesh=mesh,
+        )
         report["score"][f"{data}x{fsdp}"] = {
             "loglik_diff": max(abs(a[0] - b[0]) for a, b in zip(scores, ref_scores, strict=True)),
             "greedy_identical": [a[1] for a in scores] == [b[1] for b in ref_scores],
@@ -125,8 +154,13 @@ def trainer_resume_across_meshes() -> dict:
     from train.trainer import train
 
     smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
-    common = ["train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep=3",
-              "eval.sample_prompts=[]", "eval.every_steps=1000"]  # fmt: skip
+    common = [
+        "train.max_steps=6",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep=3",
+        "eval.sample_prompts=[]",
+        "eval.every_steps=1000",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         single = train(smoke, [f"run_dir={tmp}/single", *common])["state"]["trainable"]
         run = f"{tmp}/sharded"
@@ -134,8 +168,11 @@ def trainer_resume_across_meshes() -> dict:
         shutil.rmtree(f"{run}/checkpoints/6")  # as if killed after the step-4 checkpoint
         resumed = train(smoke, [f"run_dir={run}", "mesh.data=4", "mesh.fsdp=2", *common])
     state = resumed["state"]["trainable"]
-    return {"trainable_diff": max_diff(state, single), "sharded_leaves": sharded_leaves(state),
-            "final_step": int(resumed["step"])}  # fmt: skip
+    return {
+        "trainable_diff": max_diff(state, single),
+        "sharded_leaves": sharded_leaves(state),
+        "final_step": int(resumed["step"]),
+    }
 
 
 def checkpoint_across_meshes(state) -> dict:
@@ -151,15 +188,16 @@ def checkpoint_across_meshes(state) -> dict:
         target = jax.tree.map(lambda a: a.sharding, shard_params(state, load_mesh))
         abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=s),
-            state, target,
-        )  # fmt: skip
+            state,
+            target,
+        )
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path, abstract)
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         flat = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=single),
             state,
-        )  # fmt: skip
+        )
         with ocp.StandardCheckpointer() as ckptr:
             restored_single = ckptr.restore(path, flat)
     return {
@@ -168,7 +206,7 @@ def checkpoint_across_meshes(state) -> dict:
         "shardings_match_target": all(
             a.sharding == s
             for a, s in zip(jax.tree.leaves(restored), jax.tree.leaves(target), strict=True)
-        ),  # fmt: skip
+        ),
         "sharded_leaves_restored": sharded_leaves(restored),
     }
 

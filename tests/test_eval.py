@@ -32,11 +32,13 @@ def tiny(tmp_path_factory):
 
     model = tiny_random_model(seed=3, num_layers=4)
     root = tmp_path_factory.mktemp("eval")
-    fingerprint = write_model_dir(root / "model", model.config, model.params,
-                                  model.tokenizer.save_pretrained, "tiny-random")  # fmt: skip
+    fingerprint = write_model_dir(
+        root / "model", model.config, model.params, model.tokenizer.save_pretrained, "tiny-random"
+    )
     trainable = init_trainable(YCFG, model.config, jax.random.key(1))
-    trainable = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(2), a.shape),
-                             trainable)  # fmt: skip
+    trainable = jax.tree.map(
+        lambda a: a + 0.02 * jax.random.normal(jax.random.key(2), a.shape), trainable
+    )
     save_yoro(root / "nets", YCFG, trainable, root / "model", fingerprint)
     return model, trainable, root
 
@@ -44,10 +46,12 @@ def tiny(tmp_path_factory):
 def random_pairs(seed: int, n: int, vocab: int) -> list[tuple[list[int], list[int]]]:
     rng = np.random.RandomState(seed)
     return [
-        (rng.randint(3, vocab, rng.randint(1, 40)).tolist(),
-         rng.randint(3, vocab, rng.randint(1, 12)).tolist())
+        (
+            rng.randint(3, vocab, rng.randint(1, 40)).tolist(),
+            rng.randint(3, vocab, rng.randint(1, 12)).tolist(),
+        )
         for _ in range(n)
-    ]  # fmt: skip
+    ]
 
 
 REF_WIDTH = 64  # references right-pad to one width: causal, so real positions are unaffected
@@ -105,23 +109,31 @@ def test_greedy_flag_is_true_for_the_models_own_argmax_continuation(tiny):
         logprobs = _full_logprobs(model.config, model.params, _one_row(ctx + cont))
         cont.append(int(np.argmax(logprobs[0, len(ctx) + len(cont) - 1])))
     wrong = cont[:-1] + [(cont[-1] + 1) % model.config.vocab_size]
-    scores = score_pairs(LlamaDecoder(model.config), model.params, [(ctx, cont), (ctx, wrong)],
-                         batch_size=2, pad_id=0)  # fmt: skip
+    scores = score_pairs(
+        LlamaDecoder(model.config),
+        model.params,
+        [(ctx, cont), (ctx, wrong)],
+        batch_size=2,
+        pad_id=0,
+    )
     assert [greedy for _, greedy in scores] == [True, False]
 
 
+@pytest.mark.slow
 def test_yoro_scores_equal_direct_teacher_forcing_and_cached_generation(tiny):
     model, trainable, _ = tiny
     yoro = Yoro(model.config, YCFG)
     pairs = random_pairs(1, 6, model.config.vocab_size)
     ours = score_pairs(YoroDecoder(yoro), (model.params, trainable), pairs, batch_size=4, pad_id=0)
     for (ctx, cont), (logprob, _) in zip(pairs, ours, strict=True):
-        assert logprob == pytest.approx(direct_yoro(yoro, model.params, trainable, ctx, cont),
-                                        abs=1e-4)  # fmt: skip
+        assert logprob == pytest.approx(
+            direct_yoro(yoro, model.params, trainable, ctx, cont), abs=1e-4
+        )
     # ... and what "reason once" KV-cached generation assigns to the same tokens
     ctx, cont = pairs[0]
-    logits = cached_logits(YoroDecoder(yoro), (model.params, trainable), [ctx],
-                           np.asarray([cont]), width=64)[0]  # fmt: skip
+    logits = cached_logits(
+        YoroDecoder(yoro), (model.params, trainable), [ctx], np.asarray([cont]), width=64
+    )[0]
     cached = np.asarray(jax.nn.log_softmax(logits, -1))[np.arange(len(cont)), cont].sum()
     assert ours[0][0] == pytest.approx(float(cached), abs=1e-4)
     # YORO is not the full model: the two modes must differ on random nets
@@ -129,6 +141,7 @@ def test_yoro_scores_equal_direct_teacher_forcing_and_cached_generation(tiny):
     assert abs(full[0][0] - ours[0][0]) > 1e-3
 
 
+@pytest.mark.slow
 def test_shared_contexts_score_each_continuation_like_its_own_request(tiny):
     """Multiple-choice layout: contexts with 1..5 continuations each share one prefill."""
     model, trainable, _ = tiny
@@ -136,16 +149,24 @@ def test_shared_contexts_score_each_continuation_like_its_own_request(tiny):
     pairs = []
     for n_choices in (1, 3, 5, 2, 4):
         ctx = rng.randint(3, model.config.vocab_size, rng.randint(2, 30)).tolist()
-        pairs += [(ctx, rng.randint(3, model.config.vocab_size, rng.randint(1, 9)).tolist())
-                  for _ in range(n_choices)]  # fmt: skip
+        pairs += [
+            (ctx, rng.randint(3, model.config.vocab_size, rng.randint(1, 9)).tolist())
+            for _ in range(n_choices)
+        ]
     rng.shuffle(pairs)
     yoro = Yoro(model.config, YCFG)
     for decoder, params, direct in (
-        (LlamaDecoder(model.config), model.params,
-         lambda c, t: direct_full(model.config, model.params, c, t)[0]),
-        (YoroDecoder(yoro), (model.params, trainable),
-         lambda c, t: direct_yoro(yoro, model.params, trainable, c, t)),
-    ):  # fmt: skip
+        (
+            LlamaDecoder(model.config),
+            model.params,
+            lambda c, t: direct_full(model.config, model.params, c, t)[0],
+        ),
+        (
+            YoroDecoder(yoro),
+            (model.params, trainable),
+            lambda c, t: direct_yoro(yoro, model.params, trainable, c, t),
+        ),
+    ):
         got = score_pairs(decoder, params, pairs, batch_size=3, pad_id=0)
         for (ctx, cont), (logprob, _) in zip(pairs, got, strict=True):
             assert logprob == pytest.approx(direct(ctx, cont), abs=1e-4)
@@ -175,12 +196,12 @@ def requests(kind: str, args: list[tuple]) -> list[Instance]:
     return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
 
 
+@pytest.mark.slow
 def test_loglikelihood_matches_direct_computation_on_lm_eval_tokenisation(tiny):
     model, trainable, root = tiny
     pairs = [("Question: 2+2?\nAnswer:", " 4"), ("The cat sat on the", " mat"), ("", "hello")]
     for mode in ("full", "yoro"):
-        lm = YoroJaxLM(model=str(root / "model"), yoro=str(root / "nets"), mode=mode,
-                       batch_size=2)  # fmt: skip
+        lm = YoroJaxLM(model=str(root / "model"), yoro=str(root / "nets"), mode=mode, batch_size=2)
         got = lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
         yoro = Yoro(model.config, YCFG)
         for (context, continuation), (logprob, _) in zip(pairs, got, strict=True):
@@ -189,8 +210,11 @@ def test_loglikelihood_matches_direct_computation_on_lm_eval_tokenisation(tiny):
             if not context:
                 ids = ctx_ids + ids
             ctx, cont = ids[: len(ctx_ids)], ids[len(ctx_ids) :]
-            ref = (direct_full(model.config, model.params, ctx, cont)[0] if mode == "full"
-                   else direct_yoro(yoro, model.params, trainable, ctx, cont))  # fmt: skip
+            ref = (
+                direct_full(model.config, model.params, ctx, cont)[0]
+                if mode == "full"
+                else direct_yoro(yoro, model.params, trainable, ctx, cont)
+            )
             assert logprob == pytest.approx(ref, abs=1e-4), (mode, context)
         summary = lm.get_model_info()["reasoning_layers_per_prompt"]  # reported per prompt
         reasoning = YCFG.num_reasoning_layers(model.config)
@@ -221,9 +245,14 @@ def test_generate_until_stops_at_stop_strings_and_matches_generate(tiny):
     free = lm.generate_until(
         requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in prompts]), True
     )
-    direct = generate_tokens(LlamaDecoder(model.config), model.params,
-                             [lm.tok_encode(p) for p in prompts], max_new_tokens=12,
-                             eos_ids=lm.eos_ids, pad_id=lm.pad_id)  # fmt: skip
+    direct = generate_tokens(
+        LlamaDecoder(model.config),
+        model.params,
+        [lm.tok_encode(p) for p in prompts],
+        max_new_tokens=12,
+        eos_ids=lm.eos_ids,
+        pad_id=lm.pad_id,
+    )
     assert free == [model.tokenizer.decode(c.tokens, skip_special_tokens=True) for c in direct]
     # a stop string taken from the free generation cuts it right before that string
     stop = free[0][3:5]
@@ -263,8 +292,19 @@ def test_cli_runs_offline_tasks_and_writes_results(tiny, tmp_path):
     _, _, root = tiny
     out = tmp_path / "results"
     model_args = f"yoro={root / 'nets'},batch_size=4"
-    code = main(["--model_args", model_args, "--tasks", "yoro_offline", "--limit", "3",
-                 "--output_path", str(out), "--log_samples"])  # fmt: skip
+    code = main(
+        [
+            "--model_args",
+            model_args,
+            "--tasks",
+            "yoro_offline",
+            "--limit",
+            "3",
+            "--output_path",
+            str(out),
+            "--log_samples",
+        ]
+    )
     assert code == 0
     [result_file] = out.rglob("results_*.json")
     results = json.loads(result_file.read_text())["results"]
@@ -296,9 +336,12 @@ def test_smollm2_full_mode_matches_lm_eval_hf_backend(smollm2_dir, smollm2, smol
         ("ours", YoroJaxLM(model=str(smollm2_dir), batch_size=8)),
     ):
         runs[name] = simple_evaluate(
-            model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(TASKS_DIR)),
-            log_samples=True, limit=24,
-        )  # fmt: skip
+            model=lm,
+            tasks=tasks,
+            task_manager=TaskManager(include_path=str(TASKS_DIR)),
+            log_samples=True,
+            limit=24,
+        )
     hf, ours = runs["hf"], runs["ours"]
     assert ours["results"]["yoro_mc"]["acc,none"] == hf["results"]["yoro_mc"]["acc,none"]
     assert ours["results"]["yoro_mc"]["acc_norm,none"] == hf["results"]["yoro_mc"]["acc_norm,none"]

@@ -36,9 +36,14 @@ def test_cached_decode_equals_full_recomputation(tiny):
         slot = width + i
         kv_valid = kv_valid.at[:, slot].set(True)
         logits, caches = step(
-            decoder, params, caches, continuation[:, i : i + 1], (positions + i)[:, None],
-            kv_valid, slot,
-        )  # fmt: skip
+            decoder,
+            params,
+            caches,
+            continuation[:, i : i + 1],
+            (positions + i)[:, None],
+            kv_valid,
+            slot,
+        )
         cached.append(np.asarray(logits))
     cached = np.stack(cached, axis=1)  # [B, steps, V]
 
@@ -126,9 +131,15 @@ def test_stop_strings_cut_text_and_tokens(tiny):
     stop = text[10:12]
     cut = text.find(stop)
     out = generate_tokens(
-        decoder, params, [[5, 6, 7]], max_new_tokens=24, eos_ids=[], pad_id=0,
-        tokenizer=tokenizer, stop=[stop],
-    )  # fmt: skip
+        decoder,
+        params,
+        [[5, 6, 7]],
+        max_new_tokens=24,
+        eos_ids=[],
+        pad_id=0,
+        tokenizer=tokenizer,
+        stop=[stop],
+    )
     assert out[0].finish_reason == "stop"
     assert out[0].text == text[:cut]
     assert out[0].tokens == free[0].tokens[: cut + 2]

@@ -94,8 +94,9 @@ def test_gumbel_sampling_matches_keep_probability():
     params["net"]["gates"]["bias"] = jnp.asarray([-1.0, 0.0, 2.0])
     e, valid = jnp.ones((20000, 1, 8)), jnp.ones((20000, 1), bool)
     out = router.sample(params, e, valid, key=jax.random.key(1), temperature=1.0)
-    np.testing.assert_allclose(out.gates.mean(0), jax.nn.sigmoid(jnp.asarray([-1.0, 0, 2])),
-                               atol=0.015)  # fmt: skip
+    np.testing.assert_allclose(
+        out.gates.mean(0), jax.nn.sigmoid(jnp.asarray([-1.0, 0, 2])), atol=0.015
+    )
 
 
 def test_reinforce_estimator_is_unbiased_on_a_toy_problem():
@@ -142,12 +143,15 @@ def test_reinforce_estimator_is_unbiased_on_a_toy_problem():
 
 
 def test_ema_baseline_and_temperature_schedule():
-    rt = RouterTrainSection(baseline_momentum=0.5, temperature=1.0, temperature_decay=0.5,
-                            min_temperature=0.2)  # fmt: skip
+    rt = RouterTrainSection(
+        baseline_momentum=0.5, temperature=1.0, temperature_decay=0.5, min_temperature=0.2
+    )
     out = ReinforceRouter(RouterConfig("reinforce")).sample(
         ReinforceRouter(RouterConfig("reinforce")).init(jax.random.key(0), 4, 2),
-        jnp.ones((4, 1, 4)), jnp.ones((4, 1), bool), key=jax.random.key(0),
-    )  # fmt: skip
+        jnp.ones((4, 1, 4)),
+        jnp.ones((4, 1), bool),
+        key=jax.random.key(0),
+    )
     distill = jnp.asarray([1.0, 2.0, 3.0, 4.0])
     _, first = router_objective(out, distill, jnp.ones((4, 1), bool), rt, jnp.int32(0), 9.0)
     assert float(first["baseline"]) == pytest.approx(float(first["reward"]))  # starts at it
@@ -190,16 +194,18 @@ def test_routed_generation_equals_teacher_forcing(tiny_base, granularity):
     parallel pass and in reason-once generation (which skips layers no prompt needs)."""
     model, frozen, trainable = routed(tiny_base, "reinforce", granularity, seed=2)
     prompts = prompts_of((7, 13, 3, 9), seed=3)
-    completions = generate_tokens(YoroDecoder(model), (frozen, trainable), prompts,
-                                  max_new_tokens=10, eos_ids=[], pad_id=0)  # fmt: skip
+    completions = generate_tokens(
+        YoroDecoder(model), (frozen, trainable), prompts, max_new_tokens=10, eos_ids=[], pad_id=0
+    )
     responses = [c.tokens for c in completions]
     needed = [c.reasoning_layers for c in completions]
     if granularity == "sequence":
         assert len(set(needed)) > 1, needed  # prompts need different layers
     tokens, valid, _ = prompt_response_layout(prompts, responses, 13, 23, 0)
     tf = np.asarray(jax.jit(model.forward, static_argnums=4)(frozen, trainable, tokens, valid, 13))
-    cached = cached_logits(YoroDecoder(model), (frozen, trainable), prompts,
-                           np.asarray(responses, np.int32), width=16)  # fmt: skip
+    cached = cached_logits(
+        YoroDecoder(model), (frozen, trainable), prompts, np.asarray(responses, np.int32), width=16
+    )
     np.testing.assert_allclose(cached, tf[:, 12:-1], atol=1e-4)
     # and the gates really vary: some prompt skips some layer
     e = _embedding_output(model, frozen, prompts)
@@ -278,13 +284,18 @@ def test_a_new_variant_plugs_in_without_touching_the_model(tiny_base):
     class FirstHalf(GumbelRouter):
         def decide(self, params, e, valid):
             r = params["net"]["gates"]["bias"].shape[0]
-            return jnp.broadcast_to((jnp.arange(r) < r // 2).astype(jnp.float32),
-                                    (e.shape[0], r))  # fmt: skip
+            return jnp.broadcast_to((jnp.arange(r) < r // 2).astype(jnp.float32), (e.shape[0], r))
 
     try:
         model, frozen, trainable = routed(tiny_base, "always-first-half")
-        out = generate_tokens(YoroDecoder(model), (frozen, trainable), prompts_of((5, 8)),
-                              max_new_tokens=4, eos_ids=[], pad_id=0)  # fmt: skip
+        out = generate_tokens(
+            YoroDecoder(model),
+            (frozen, trainable),
+            prompts_of((5, 8)),
+            max_new_tokens=4,
+            eos_ids=[],
+            pad_id=0,
+        )
         assert [c.reasoning_layers for c in out] == [2, 2]
     finally:
         ROUTERS.pop("always-first-half")
@@ -318,24 +329,36 @@ def stage1(smoke_run):
 
 
 def stage2(run_dir, stage1_dir, kind, *extra):
-    return [f"yoro.router.kind={kind}", "router_train.train_nets=false",
-            f"router_train.init_nets={stage1_dir}", "router_train.compute_penalty=0.5",
-            "optim.lr=3.0e-2", *QUIET_EVAL, *extra]  # fmt: skip
+    return [
+        f"yoro.router.kind={kind}",
+        "router_train.train_nets=false",
+        f"router_train.init_nets={stage1_dir}",
+        "router_train.compute_penalty=0.5",
+        "optim.lr=3.0e-2",
+        *QUIET_EVAL,
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("kind", ["gumbel", "reinforce"])
 def test_stage2_trains_only_the_router_and_logs_routing_metrics(tmp_path, stage1, kind):
     run_dir = tmp_path / "run"
     reuse_teacher_data(stage1, run_dir)
-    result = train(smoke_config(run_dir, *stage2(run_dir, stage1, kind), "train.max_steps=8",
-                                "train.log_every=4"))  # fmt: skip
+    result = train(
+        smoke_config(
+            run_dir, *stage2(run_dir, stage1, kind), "train.max_steps=8", "train.log_every=4"
+        )
+    )
     _, start, _ = load_yoro(stage1 / "export")
     final = result["state"]["trainable"]
     for name in ("compensation", "adaptation", "concatenation"):  # nets untouched
         for a, b in zip(jax.tree.leaves(final[name]), jax.tree.leaves(start[name]), strict=True):
             np.testing.assert_array_equal(a, b)
-    fresh = init_trainable(smoke_config(run_dir, *stage2(run_dir, stage1, kind)).yoro,
-                           load_yoro(stage1 / "export")[2].config, jax.random.key(0))  # fmt: skip
+    fresh = init_trainable(
+        smoke_config(run_dir, *stage2(run_dir, stage1, kind)).yoro,
+        load_yoro(stage1 / "export")[2].config,
+        jax.random.key(0),
+    )
     pairs = zip(jax.tree.leaves(final["router"]), jax.tree.leaves(fresh["router"]), strict=True)
     moved = max(float(jnp.abs(a - b).max()) for a, b in pairs)
     assert moved > 1e-3
@@ -357,8 +380,13 @@ def test_stage2_config_errors(tmp_path, stage1):
     with pytest.raises(ConfigError, match="init_nets is not set"):
         load_config(SMOKE, ["yoro.router.kind=gumbel", "router_train.train_nets=false"])
     with pytest.raises(ConfigError, match="must match"):
-        train(smoke_config(tmp_path / "r", *stage2(tmp_path / "r", stage1, "gumbel"),
-                           "yoro.adaptation_layers=2"))  # fmt: skip
+        train(
+            smoke_config(
+                tmp_path / "r",
+                *stage2(tmp_path / "r", stage1, "gumbel"),
+                "yoro.adaptation_layers=2",
+            )
+        )
 
 
 def test_killed_run_resumes_bitwise_equal(tmp_path, stage1):
@@ -366,13 +394,20 @@ def test_killed_run_resumes_bitwise_equal(tmp_path, stage1):
     resumed ends with exactly the params of an uninterrupted run of the same seed. Joint
     training with a REINFORCE router and gradient accumulation: the nets, the optimizer,
     the sampled gates and the moving-average baseline are all part of the resumed state."""
-    overrides = ["yoro.router.kind=reinforce", "router_train.compute_penalty=0.5",
-                 "train.max_steps=5", "checkpoint.every_steps=2", "optim.grad_accum=2",
-                 "train.log_every=1", *QUIET_EVAL]  # fmt: skip
+    overrides = [
+        "yoro.router.kind=reinforce",
+        "router_train.compute_penalty=0.5",
+        "train.max_steps=5",
+        "checkpoint.every_steps=2",
+        "optim.grad_accum=2",
+        "train.log_every=1",
+        *QUIET_EVAL,
+    ]
     reference, run_dir = kill_then_resume(stage1, tmp_path, overrides, kill_after=3, resumed_from=2)
     _, trainable, _ = load_yoro(run_dir / "export")
-    for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(reference["state"]["trainable"]),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(trainable), jax.tree.leaves(reference["state"]["trainable"]), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     def final(path):

@@ -17,10 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "tests.sharded_checks"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.sharded_checks"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -103,8 +110,18 @@ def test_train_cli_refuses_a_mesh_bigger_than_the_machine_before_any_work(tmp_pa
 
     run_dir, n = tmp_path / "run", 2 * jax.device_count()
     smoke = str(ROOT / "configs" / "smoke.yaml")
-    code = main(["--config", smoke, "--set", f"mesh.data={n}", "--set", f"train.batch_size={n}",
-                 "--set", f"run_dir={run_dir}"])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            smoke,
+            "--set",
+            f"mesh.data={n}",
+            "--set",
+            f"train.batch_size={n}",
+            "--set",
+            f"run_dir={run_dir}",
+        ]
+    )
     assert code == 2
     assert f"needs {n} devices" in capsys.readouterr().err
     assert not run_dir.exists()  # no teacher data made, nothing written

@@ -39,23 +39,36 @@ def test_logits_match_transformers_gguf_load(smollm2, smollm2_hf, chat_ids):
 def test_batched_greedy_generation_is_token_identical_to_hf_generate(smollm2, smollm2_hf, chat_ids):
     eos, pad = special_ids(smollm2.config, smollm2.tokenizer)
     ours = generate_tokens(
-        LlamaDecoder(smollm2.config), smollm2.params, chat_ids,
-        max_new_tokens=32, eos_ids=eos, pad_id=pad,
-    )  # fmt: skip
+        LlamaDecoder(smollm2.config),
+        smollm2.params,
+        chat_ids,
+        max_new_tokens=32,
+        eos_ids=eos,
+        pad_id=pad,
+    )
     for ids, completion in zip(chat_ids, ours, strict=True):
         with torch.no_grad():
             ref = smollm2_hf.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=32, do_sample=False,
-            )[0, len(ids) :].tolist()  # fmt: skip
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=32,
+                do_sample=False,
+            )[0, len(ids) :].tolist()
         assert completion.tokens == ref
 
 
 def test_generate_cli_streams_a_chat_answer(smollm2_dir, capsys):
     code = main(
-        ["--model", str(smollm2_dir), "--chat", "--prompt", "What is the capital of France?",
-         "--max-new-tokens", "12"]
-    )  # fmt: skip
+        [
+            "--model",
+            str(smollm2_dir),
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-new-tokens",
+            "12",
+        ]
+    )
     assert code == 0
     assert "Paris" in capsys.readouterr().out
 
@@ -120,10 +133,21 @@ def test_generate_cli_compares_full_and_yoro(smollm2, smollm2_dir, smollm2_yoro,
     model, trainable = smollm2_yoro
     save_yoro(tmp_path / "nets", model.ycfg, trainable, smollm2_dir, smollm2.fingerprint)
     code = main(
-        ["--model", str(smollm2_dir), "--yoro", str(tmp_path / "nets"), "--compare", "--chat",
-         "--prompt", "What is the capital of France?", "--prompt", "Name a color.",
-         "--max-new-tokens", "8"]
-    )  # fmt: skip
+        [
+            "--model",
+            str(smollm2_dir),
+            "--yoro",
+            str(tmp_path / "nets"),
+            "--compare",
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--prompt",
+            "Name a color.",
+            "--max-new-tokens",
+            "8",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert captured.out.count("[full] ") == 2 and captured.out.count("[yoro] ") == 2
@@ -141,8 +165,11 @@ def test_torch_free_gguf_tokenizer_equals_transformers(smollm2_gguf):
 
     ours = gguf_tokenizer(smollm2_gguf)
     ref = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    texts = [*CHAT_PROMPTS, "  two  spaces, digits 1234567 and ünïcödé ✓ 🙂\n\ttab",
-             "<|im_start|>user\nhi<|im_end|>"]  # fmt: skip
+    texts = [
+        *CHAT_PROMPTS,
+        "  two  spaces, digits 1234567 and ünïcödé ✓ 🙂\n\ttab",
+        "<|im_start|>user\nhi<|im_end|>",
+    ]
     for text in texts:
         assert ours(text)["input_ids"] == ref(text)["input_ids"], text
         messages = [{"role": "user", "content": text}]

@@ -79,11 +79,14 @@ def _examples(rng, vocab, k, shapes):
     for prompt_len, resp_len in shapes:
         logp = np.log(rng.dirichlet(np.ones(vocab), size=resp_len)).astype(np.float32)
         ids = np.argsort(-logp, -1)[:, :k].astype(np.int32)
-        out.append({
-            "prompt": rng.randint(3, vocab, prompt_len).astype(np.int32),
-            "response": rng.randint(3, vocab, resp_len).astype(np.int32),
-            "top_ids": ids, "top_logprobs": np.take_along_axis(logp, ids, -1),
-        })  # fmt: skip
+        out.append(
+            {
+                "prompt": rng.randint(3, vocab, prompt_len).astype(np.int32),
+                "response": rng.randint(3, vocab, resp_len).astype(np.int32),
+                "top_ids": ids,
+                "top_logprobs": np.take_along_axis(logp, ids, -1),
+            }
+        )
     return out
 
 
@@ -162,8 +165,10 @@ def test_missing_config_file_and_cli_exit_code(tmp_path):
         load_config(tmp_path / "nope.yaml")
     result = subprocess.run(
         [sys.executable, "-m", "train", "--config", str(SMOKE), "--set", "optim.clip_norm=-1"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "error: optim.clip_norm: must be >= 0, got -1" in result.stderr
 
@@ -187,15 +192,29 @@ def test_split_that_leaves_no_reasoning_layer_is_rejected(tmp_path):
         ("alpaca-gpt4", {"instruction": "Sum", "input": "1 2", "output": "3"}, "Sum\n\n1 2"),
         ("generic", {"instruction": "Hi", "input": ""}, "Hi"),
         ("dolly-15k", {"instruction": "Q?", "context": "ctx", "response": "A"}, "Q?\n\nctx"),
-        ("self-instruct", {"instruction": "Do", "instances": [{"input": "x", "output": "y"}]},
-         "Do\n\nx"),
-        ("wizardlm", {"conversations": [{"from": "human", "value": "Why?"},
-                                        {"from": "gpt", "value": "."}]}, "Why?"),
-        ("openhermes", {"conversations": [{"from": "system", "value": "Be brief"},
-                                          {"from": "human", "value": "Go"}]}, "Go"),
+        (
+            "self-instruct",
+            {"instruction": "Do", "instances": [{"input": "x", "output": "y"}]},
+            "Do\n\nx",
+        ),
+        (
+            "wizardlm",
+            {"conversations": [{"from": "human", "value": "Why?"}, {"from": "gpt", "value": "."}]},
+            "Why?",
+        ),
+        (
+            "openhermes",
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief"},
+                    {"from": "human", "value": "Go"},
+                ]
+            },
+            "Go",
+        ),
         ("slimorca", {"conversations": [{"from": "gpt", "value": "x"}]}, None),
     ],
-)  # fmt: skip
+)
 def test_dataset_field_mappings(fmt, record, want):
     messages = data_lib.record_to_messages(record, fmt)
     if want is None:
@@ -213,11 +232,13 @@ def test_local_prompt_file_and_truncation_report(tmp_path, capsys):
     path = SHARED_DATA / "self_instruct_user_oriented.jsonl"
     if not path.is_file():  # the shared data is absent on a user's machine: write a file
         path = tmp_path / "prompts.jsonl"
-        rows = [{"instruction": f"Task {i} " * (i + 1), "instances": [{"input": ""}]}
-                for i in range(30)]  # fmt: skip
+        rows = [
+            {"instruction": f"Task {i} " * (i + 1), "instances": [{"input": ""}]} for i in range(30)
+        ]
         path.write_text("\n".join(json.dumps(r) for r in rows))
-    section = DataSection(prompts=[PromptSource(str(path), "self-instruct", limit=25)],
-                          max_prompt_tokens=64)  # fmt: skip
+    section = DataSection(
+        prompts=[PromptSource(str(path), "self-instruct", limit=25)], max_prompt_tokens=64
+    )
     tokenizer = byte_tokenizer()
     prompts = data_lib.load_prompts(section, tokenizer)
     assert len(prompts) == 25 and max(map(len, prompts)) == 64
@@ -277,8 +298,9 @@ def test_smoke_training_lowers_heldout_kl(smoke_run):
     # the exported nets load against the run's base model and equal the final params
     ycfg, trainable, _ = load_yoro(run_dir / "export")
     assert ycfg == smoke_config(run_dir).yoro
-    for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(result["state"]["trainable"]),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(trainable), jax.tree.leaves(result["state"]["trainable"]), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     assert json.loads((run_dir / "best" / "metrics.json").read_text())["val"]["step"] == 24
 
@@ -303,8 +325,14 @@ def test_resumed_run_with_other_loss_settings_is_refused(smoke_run):
 def test_non_finite_loss_stops_with_step_and_batch(tmp_path, smoke_run):
     run_dir = tmp_path / "run"
     reuse_teacher_data(smoke_run[0], run_dir)
-    cfg = smoke_config(run_dir, "optim.lr=1.0e+30", "optim.warmup_steps=0", "optim.clip_norm=0",
-                       "checkpoint.every_steps=1", *QUIET_EVAL)  # fmt: skip
+    cfg = smoke_config(
+        run_dir,
+        "optim.lr=1.0e+30",
+        "optim.warmup_steps=0",
+        "optim.clip_norm=0",
+        "checkpoint.every_steps=1",
+        *QUIET_EVAL,
+    )
     with pytest.raises(NonFiniteLoss, match=r"at optimizer step \d+, micro-batch 0") as err:
         Trainer(prepare_run(cfg)).run()
     bad_step = int(str(err.value).split("optimizer step ")[1].split(",")[0])
@@ -328,8 +356,16 @@ def test_generate_cli_finds_the_base_from_the_exported_nets(smoke_run, capsys):
     from yoro_jax.generate_cli import main
 
     run_dir, _ = smoke_run
-    argv = ["--yoro", str(run_dir / "export"), "--compare", "--chat", "--prompt", "hi",
-            "--max-new-tokens", "4"]  # fmt: skip
+    argv = [
+        "--yoro",
+        str(run_dir / "export"),
+        "--compare",
+        "--chat",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "4",
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "[full: 6 decoder layers per generated token]" in captured.err
@@ -338,6 +374,7 @@ def test_generate_cli_finds_the_base_from_the_exported_nets(smoke_run, capsys):
     assert "give --model DIR" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_keeping_the_logits_gives_the_recomputed_loss_and_gradients(tiny):
     """loss.remat_logits only trades memory for one head matmul: same loss, same grads."""
     base, model, trainable = tiny

@@ -32,10 +32,11 @@ VARIANTS = {
     "exact (preset)": YoroConfig.preset("exact", embedding_layers=1, compensation_layers=2),
     "exact, reference nets": YoroConfig(2, 2, 2, 2, 1, prompt_context="exact"),
     "exact, no compensation": YoroConfig(1, 2, 0, 1, 2, prompt_context="exact", nets="residual"),
-    "residual, identity init": YoroConfig(2, 1, 1, 2, 2, nets="residual",
-                                          compensation_init="identity"),
+    "residual, identity init": YoroConfig(
+        2, 1, 1, 2, 2, nets="residual", compensation_init="identity"
+    ),
     "reasoning init only": YoroConfig(1, 1, 2, 2, 1, compensation_init="reasoning"),
-}  # fmt: skip
+}
 
 
 def randomise_biases(trainable, key):
@@ -86,8 +87,9 @@ def check_core_invariant(model, frozen, trainable):
     predicting = tf[:, 12:-1]  # positions P-1 .. T-2 predict the 20 response tokens
     assert_greedy_choices(predicting, responses)
 
-    cached = cached_logits(YoroDecoder(model), (frozen, trainable), prompts,
-                           np.asarray(responses, np.int32), width=16)  # fmt: skip
+    cached = cached_logits(
+        YoroDecoder(model), (frozen, trainable), prompts, np.asarray(responses, np.int32), width=16
+    )
     np.testing.assert_allclose(cached, predicting, atol=1e-4)
 
 
@@ -198,9 +200,14 @@ def test_reasoning_block_runs_once_per_generate_call(tiny_base, monkeypatch):
     for max_new, chunk in ((24, None), (17, 4)):
         executions.clear()
         out = generate_tokens(
-            YoroDecoder(model), (frozen, trainable), [[5, 6, 7], [8, 9]],
-            max_new_tokens=max_new, eos_ids=[], pad_id=0, chunk=chunk,
-        )  # fmt: skip
+            YoroDecoder(model),
+            (frozen, trainable),
+            [[5, 6, 7], [8, 9]],
+            max_new_tokens=max_new,
+            eos_ids=[],
+            pad_id=0,
+            chunk=chunk,
+        )
         assert len(out[0].tokens) == max_new
         assert len(executions) == 1
     jax.clear_caches()
@@ -256,9 +263,10 @@ def test_param_summary(tiny_base):
     per_layer = sum(x[0].size for x in jax.tree.leaves(frozen["layers"]))
     assert summary["reasoning_layers"] == 2
     assert summary["executed_per_token_full"] - summary["executed_per_token_yoro"] == (
-        2 * per_layer - sum(x.size for x in jax.tree.leaves(trainable["compensation"]))
+        2 * per_layer
+        - sum(x.size for x in jax.tree.leaves(trainable["compensation"]))
         - sum(x.size for x in jax.tree.leaves(trainable["concatenation"]))
-    )  # fmt: skip
+    )
     assert summary["trainable"] == sum(x.size for x in jax.tree.leaves(trainable))
 
 

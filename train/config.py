@@ -155,19 +155,42 @@ _CHOICES = {
     "train.compute_dtype": ("auto", "float32", "bfloat16"),
 }
 _POSITIVE = {
-    "data.max_prompt_tokens", "teacher.max_new_tokens", "teacher.top_k", "teacher.batch_size",
-    "teacher.shard_size", "loss.soft_temperature", "loss.logits_chunk", "optim.lr",
-    "optim.grad_accum", "train.batch_size", "train.epochs", "train.max_steps",
-    "train.log_every", "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps",
-    "eval.sample_max_new_tokens", "mesh.data", "mesh.fsdp", "router_train.temperature",
-    "router_train.temperature_decay", "router_train.min_temperature",
-}  # fmt: skip
+    "data.max_prompt_tokens",
+    "teacher.max_new_tokens",
+    "teacher.top_k",
+    "teacher.batch_size",
+    "teacher.shard_size",
+    "loss.soft_temperature",
+    "loss.logits_chunk",
+    "optim.lr",
+    "optim.grad_accum",
+    "train.batch_size",
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every",
+    "checkpoint.every_steps",
+    "checkpoint.keep",
+    "eval.every_steps",
+    "eval.sample_max_new_tokens",
+    "mesh.data",
+    "mesh.fsdp",
+    "router_train.temperature",
+    "router_train.temperature_decay",
+    "router_train.min_temperature",
+}
 _NON_NEGATIVE = {
-    "data.validation_prompts", "loss.ce_weight", "loss.hidden_weight", "optim.weight_decay",
+    "data.validation_prompts",
+    "loss.ce_weight",
+    "loss.hidden_weight",
+    "optim.weight_decay",
     "optim.warmup_steps",
-    "optim.clip_norm", "train.seed", "router_train.compute_penalty", "router_train.depth_scale",
-    "router_train.target_weight", "router_train.entropy_weight",
-}  # fmt: skip
+    "optim.clip_norm",
+    "train.seed",
+    "router_train.compute_penalty",
+    "router_train.depth_scale",
+    "router_train.target_weight",
+    "router_train.entropy_weight",
+}
 
 
 def _describe(tp: Any) -> str:

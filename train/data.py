@@ -30,26 +30,59 @@ _TEMPLATES = [
     "List five words related to {} and explain each briefly.",
 ]
 _SUBJECTS = [
-    "the water cycle", "volcanoes", "honey bees", "the moon", "electric cars", "chess",
-    "photosynthesis", "the internet", "rainbows", "the Roman Empire", "coffee", "penguins",
-    "recycling", "gravity", "the human heart", "jazz music", "deserts", "solar panels",
-    "friendship", "public libraries", "earthquakes", "the printing press", "octopuses",
-    "bicycles", "clouds", "vaccines", "the ocean tides", "mountains", "origami", "bread baking",
-]  # fmt: skip
+    "the water cycle",
+    "volcanoes",
+    "honey bees",
+    "the moon",
+    "electric cars",
+    "chess",
+    "photosynthesis",
+    "the internet",
+    "rainbows",
+    "the Roman Empire",
+    "coffee",
+    "penguins",
+    "recycling",
+    "gravity",
+    "the human heart",
+    "jazz music",
+    "deserts",
+    "solar panels",
+    "friendship",
+    "public libraries",
+    "earthquakes",
+    "the printing press",
+    "octopuses",
+    "bicycles",
+    "clouds",
+    "vaccines",
+    "the ocean tides",
+    "mountains",
+    "origami",
+    "bread baking",
+]
 _QUESTIONS = [
-    "What is the capital of Japan?", "How many days are in a leap year?",
+    "What is the capital of Japan?",
+    "How many days are in a leap year?",
     "Convert 100 degrees Fahrenheit to Celsius and show the steps.",
-    "What is 17 multiplied by 23?", "Translate 'thank you very much' into French.",
-    "Suggest a name for a friendly robot.", "What should I pack for a weekend hike?",
-    "Write a haiku about winter mornings.", "Give me a simple recipe for tomato soup.",
+    "What is 17 multiplied by 23?",
+    "Translate 'thank you very much' into French.",
+    "Suggest a name for a friendly robot.",
+    "What should I pack for a weekend hike?",
+    "Write a haiku about winter mornings.",
+    "Give me a simple recipe for tomato soup.",
     "Why do leaves change colour in autumn?",
     "Summarise the story of Cinderella in three sentences.",
     "What is the difference between a virus and a bacterium?",
     "Write a polite email declining a meeting invitation.",
-    "How do I reverse a list in Python?", "Name three planets and one fact about each.",
-    "What are good habits for studying?", "Explain what a prime number is with examples.",
-    "Write a limerick about a cat.", "What causes thunder?", "How does a compass work?",
-]  # fmt: skip
+    "How do I reverse a list in Python?",
+    "Name three planets and one fact about each.",
+    "What are good habits for studying?",
+    "Explain what a prime number is with examples.",
+    "Write a limerick about a cat.",
+    "What causes thunder?",
+    "How does a compass work?",
+]
 
 
 def builtin_prompts() -> list[Messages]:
@@ -238,8 +271,9 @@ def collate(
     responses = [e["response"] for e in examples]
     prompt_len = bucket(max(len(p) for p in prompts))
     resp_len = bucket(max(len(r) for r in responses))
-    tokens, valid, _ = prompt_response_layout(prompts, responses, prompt_len, prompt_len + resp_len,
-                                              pad_id)  # fmt: skip
+    tokens, valid, _ = prompt_response_layout(
+        prompts, responses, prompt_len, prompt_len + resp_len, pad_id
+    )
     batch = len(examples)
     targets = np.full((batch, resp_len), pad_id, np.int32)
     mask = np.zeros((batch, resp_len), bool)
@@ -253,9 +287,14 @@ def collate(
             e["top_logprobs"][:, :top_k],
         )
     out = {
-        "tokens": tokens, "valid": valid, "prompt_len": prompt_len, "targets": targets,
-        "target_mask": mask, "top_ids": top_ids, "top_logprobs": top_logprobs,
-    }  # fmt: skip
+        "tokens": tokens,
+        "valid": valid,
+        "prompt_len": prompt_len,
+        "targets": targets,
+        "target_mask": mask,
+        "top_ids": top_ids,
+        "top_logprobs": top_logprobs,
+    }
     if features and all(FEATURES[0] in e for e in examples):
         out |= collate_features(examples, prompt_len, resp_len)
     return out

@@ -53,9 +53,12 @@ def distinct_ngrams(tokens: list[int], n: int = 2) -> float:
 
 
 def evaluate_run(
-    run_dir: Path, source: PromptSource, samples: int = 3, batch_size: int = 8,
+    run_dir: Path,
+    source: PromptSource,
+    samples: int = 3,
+    batch_size: int = 8,
     generations: int = 16,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Metrics per parameter set (``before``, ``export``, ``best``), the repetition of greedy
     answers on ``generations`` prompts (full model and each set), and sample generations."""
     cfg = load_config(run_dir / "config.yaml")
@@ -74,10 +77,18 @@ def evaluate_run(
             nets[f"after ({name})"] = load_yoro(run_dir / name, base)[1]
     eos, pad = special_ids(base.config, base.tokenizer)
     metrics = {
-        name: heldout_metrics(model, frozen, trainable, examples, batch_size, pad,
-                              cfg.teacher.top_k, cfg.loss.logits_chunk)
+        name: heldout_metrics(
+            model,
+            frozen,
+            trainable,
+            examples,
+            batch_size,
+            pad,
+            cfg.teacher.top_k,
+            cfg.loss.logits_chunk,
+        )
         for name, trainable in nets.items()
-    }  # fmt: skip
+    }
 
     opts = {
         "max_new_tokens": cfg.eval.sample_max_new_tokens,
@@ -101,8 +112,13 @@ def evaluate_run(
         | {name: a[i].text for name, a in answers.items()}
         for i, p in enumerate(chosen[:samples])
     ]
-    return {"metrics": metrics, "repetition": repetition, "samples": texts,
-            "prompts": len(examples), "generated": len(chosen)}  # fmt: skip
+    return {
+        "metrics": metrics,
+        "repetition": repetition,
+        "samples": texts,
+        "prompts": len(examples),
+        "generated": len(chosen),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,15 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="generic", choices=PROMPT_FORMATS[1:])
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--samples", type=int, default=3, help="side-by-side generations")
-    parser.add_argument("--generations", type=int, default=16,
-                        help="greedy answers per model for the repetition measures")  # fmt: skip
+    parser.add_argument(
+        "--generations",
+        type=int,
+        default=16,
+        help="greedy answers per model for the repetition measures",
+    )
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     try:
         result = evaluate_run(
-            Path(args.run), PromptSource(args.prompts, args.format, limit=args.limit),
-            args.samples, generations=args.generations,
-        )  # fmt: skip
+            Path(args.run),
+            PromptSource(args.prompts, args.format, limit=args.limit),
+            args.samples,
+            generations=args.generations,
+        )
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -132,16 +154,34 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['prompts']} held-out prompts from {args.prompts}, "
         f"{int(next(iter(result['metrics'].values()))['tokens'])} response tokens"
     )
-    rows = [[name, f"{m['kl']:.4f}", f"{m['top1']:.3f}", f"{m['ce']:.4f}",
-             " ".join(f"{m[f'top1_at_{j}']:.2f}" for j in range(1, 9))]
-            for name, m in result["metrics"].items()]  # fmt: skip
-    header = ["YORO nets", "KL to full (T=1)", "top-1 agreement", "CE of full's tokens",
-              "top-1 at generated positions 1..8"]  # fmt: skip
+    rows = [
+        [
+            name,
+            f"{m['kl']:.4f}",
+            f"{m['top1']:.3f}",
+            f"{m['ce']:.4f}",
+            " ".join(f"{m[f'top1_at_{j}']:.2f}" for j in range(1, 9)),
+        ]
+        for name, m in result["metrics"].items()
+    ]
+    header = [
+        "YORO nets",
+        "KL to full (T=1)",
+        "top-1 agreement",
+        "CE of full's tokens",
+        "top-1 at generated positions 1..8",
+    ]
     print(markdown_table(header, rows))
     print(f"\ngreedy answers to {result['generated']} of the prompts:")
-    print(markdown_table(["model", "repeated 4-gram share", "distinct-2"],
-                         [[name, f"{r['repeated_4gram_share']:.3f}", f"{r['distinct_2']:.3f}"]
-                          for name, r in result["repetition"].items()]))  # fmt: skip
+    print(
+        markdown_table(
+            ["model", "repeated 4-gram share", "distinct-2"],
+            [
+                [name, f"{r['repeated_4gram_share']:.3f}", f"{r['distinct_2']:.3f}"]
+                for name, r in result["repetition"].items()
+            ],
+        )
+    )
     for sample in result["samples"]:
         print()
         print(yaml.safe_dump(sample, sort_keys=False, allow_unicode=True, width=100), end="")

@@ -32,16 +32,31 @@ def to_device(batch: dict[str, Any], mesh: Any = None) -> tuple[dict[str, jax.Ar
 
 @partial(jax.jit, static_argnames=("model", "prompt_len", "chunk"))
 def eval_sums(
-    model: Yoro, frozen: Params, trainable: Params, batch, prompt_len: int, chunk: int,
+    model: Yoro,
+    frozen: Params,
+    trainable: Params,
+    batch,
+    prompt_len: int,
+    chunk: int,
     keep: jax.Array | None = None,  # [R] fixed 0/1 gates for every row (static baselines)
-):  # fmt: skip
+):
     """Held-out metrics against the exact teacher (the full model's dense logits, T=1),
     with deterministic routing; also [B] reasoning layers each row needed and [B, R] which."""
     gates = (
         None if keep is None else jnp.broadcast_to(keep, (batch["tokens"].shape[0], *keep.shape))
     )
-    rows, routing = row_sums(model, frozen, trainable, batch, prompt_len, online=True,
-                             temperature=1.0, ce_weight=1.0, chunk=chunk, gates=gates)  # fmt: skip
+    rows, routing = row_sums(
+        model,
+        frozen,
+        trainable,
+        batch,
+        prompt_len,
+        online=True,
+        temperature=1.0,
+        ce_weight=1.0,
+        chunk=chunk,
+        gates=gates,
+    )
     sums = {key: jnp.sum(value) for key, value in rows.items() if key != "agree_positions"}
     # agreement at generated positions 1..8: what a speculative decoder's drafts would see
     sums["top1_at"] = jnp.sum(rows["agree_positions"][:, :AT_POSITIONS], axis=0)
@@ -71,8 +86,15 @@ def heldout_metrics(
     layers, layer_on = [], []
     for batch in data_lib.batches(examples, batch_size, pad_id, top_k):
         arrays, prompt_len = to_device(batch)
-        sums = eval_sums(model, frozen, trainable, arrays, prompt_len, chunk,
-                         None if keep is None else jnp.asarray(keep, jnp.float32))  # fmt: skip
+        sums = eval_sums(
+            model,
+            frozen,
+            trainable,
+            arrays,
+            prompt_len,
+            chunk,
+            None if keep is None else jnp.asarray(keep, jnp.float32),
+        )
         for key in ("kl", "ce", "top1", "count"):
             totals[key] = totals.get(key, 0.0) + float(sums[key])
         for key in ("top1_at", "count_at"):
@@ -86,8 +108,10 @@ def heldout_metrics(
     out |= {f"top1_at_{j + 1}": float(a) for j, a in enumerate(at)}
     if layers:
         on = np.concatenate(layer_on).astype(np.float64)
-        out |= {"reasoning_layers": float(np.concatenate(layers).mean()),
-                "layer_skip_rate": (1.0 - on.mean(axis=0)).tolist()}  # fmt: skip
+        out |= {
+            "reasoning_layers": float(np.concatenate(layers).mean()),
+            "layer_skip_rate": (1.0 - on.mean(axis=0)).tolist(),
+        }
     return out
 
 
@@ -128,8 +152,10 @@ def plot_losses(run_dir: Path) -> Path | None:
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    for split, key, label in (("train", "loss", "train loss (T_soft KL)"),
-                              ("val", "kl", "held-out KL to teacher (T=1)")):  # fmt: skip
+    for split, key, label in (
+        ("train", "loss", "train loss (T_soft KL)"),
+        ("val", "kl", "held-out KL to teacher (T=1)"),
+    ):
         points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o" if split == "val" else None, label=label)

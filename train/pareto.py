@@ -51,11 +51,13 @@ def _seed_teacher_data(cfg: RunConfig, run_dir: Path) -> None:
 def train_point(cfg: RunConfig, variant: str, lam: float, out: Path) -> Path:
     run_dir = out / f"{variant}-{_label(lam)}"
     point = dataclasses.replace(
-        cfg, run_dir=str(run_dir),
-        yoro=dataclasses.replace(cfg.yoro, router=dataclasses.replace(cfg.yoro.router,
-                                                                      kind=variant)),
+        cfg,
+        run_dir=str(run_dir),
+        yoro=dataclasses.replace(
+            cfg.yoro, router=dataclasses.replace(cfg.yoro.router, kind=variant)
+        ),
         router_train=dataclasses.replace(cfg.router_train, compute_penalty=lam),
-    )  # fmt: skip
+    )
     if not (run_dir / "export").is_dir():
         run_dir.mkdir(parents=True, exist_ok=True)
         _seed_teacher_data(cfg, run_dir)
@@ -64,9 +66,13 @@ def train_point(cfg: RunConfig, variant: str, lam: float, out: Path) -> Path:
 
 
 def sweep(
-    cfg: RunConfig, variants: list[str], lambdas: list[float], out: Path,
-    drops: list[int] | None, random_draws: int,
-) -> dict[str, Any]:  # fmt: skip
+    cfg: RunConfig,
+    variants: list[str],
+    lambdas: list[float],
+    out: Path,
+    drops: list[int] | None,
+    random_draws: int,
+) -> dict[str, Any]:
     if cfg.router_train.init_nets is None:
         raise ConfigError(
             "the sweep compares routers on fixed YORO nets: set router_train.init_nets"
@@ -81,8 +87,12 @@ def sweep(
     val = data_lib.TeacherRecords(prepared.shards["val"])
     examples = [val[i] for i in range(len(val))]
     _, pad = special_ids(base.config, base.tokenizer)
-    opts = dict(batch_size=cfg.train.batch_size, pad_id=pad, top_k=cfg.teacher.top_k,
-                chunk=cfg.loss.logits_chunk)  # fmt: skip
+    opts = dict(
+        batch_size=cfg.train.batch_size,
+        pad_id=pad,
+        top_k=cfg.teacher.top_k,
+        chunk=cfg.loss.logits_chunk,
+    )
     dtype = compute_dtype(cfg)
 
     def evaluate(model, trainable, keep=None) -> dict[str, Any]:
@@ -92,8 +102,13 @@ def sweep(
     rows: list[dict[str, Any]] = []
     for (variant, lam), export in exports.items():
         ycfg, trainable, _ = load_yoro(export, base)
-        rows.append({"method": f"router: {variant}", "lambda": lam,
-                     **evaluate(Yoro(base.config, ycfg, dtype), trainable)})  # fmt: skip
+        rows.append(
+            {
+                "method": f"router: {variant}",
+                "lambda": lam,
+                **evaluate(Yoro(base.config, ycfg, dtype), trainable),
+            }
+        )
         print(
             f"{variant} lambda={lam}: {rows[-1]['reasoning_layers']:.2f} layers, "
             f"KL {rows[-1]['kl']:.4f}",
@@ -114,11 +129,17 @@ def sweep(
         rows.append({"method": "static: drop last k", "k": k, **evaluate(plain, nets, keep)})
         draws = [evaluate(plain, nets, rng.permutation(keep)) for _ in range(random_draws)]
         if 0 < k < num and draws:
-            rows.append({"method": "static: drop k random", "k": k, "draws": len(draws),
-                         "kl": float(np.mean([d["kl"] for d in draws])),
-                         "kl_std": float(np.std([d["kl"] for d in draws])),
-                         "top1": float(np.mean([d["top1"] for d in draws])),
-                         "reasoning_layers": float(num - k)})  # fmt: skip
+            rows.append(
+                {
+                    "method": "static: drop k random",
+                    "k": k,
+                    "draws": len(draws),
+                    "kl": float(np.mean([d["kl"] for d in draws])),
+                    "kl_std": float(np.std([d["kl"] for d in draws])),
+                    "top1": float(np.mean([d["top1"] for d in draws])),
+                    "reasoning_layers": float(num - k),
+                }
+            )
         print(f"static k={k}: KL {rows[-1]['kl']:.4f}", file=sys.stderr)
     result = {"reasoning_layers": num, "heldout_prompts": len(examples), "rows": rows}
     (out / "pareto.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -133,8 +154,9 @@ def table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         setting = f"λ={r['lambda']:g}" if "lambda" in r else f"k={r['k']}"
         kl = f"{r['kl']:.4f}" + (f" ± {r['kl_std']:.4f}" if "kl_std" in r else "")
-        lines.append(f"| {r['method']} | {setting} | {r['reasoning_layers']:.2f} | {kl} | "
-                     f"{r['top1']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {setting} | {r['reasoning_layers']:.2f} | {kl} | {r['top1']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -147,13 +169,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     markers = {"static: drop last k": "s-", "static: drop k random": "^--"}
     for method in dict.fromkeys(r["method"] for r in result["rows"]):
-        pts = sorted((r["reasoning_layers"], r["kl"], r["top1"]) for r in result["rows"]
-                     if r["method"] == method)  # fmt: skip
+        pts = sorted(
+            (r["reasoning_layers"], r["kl"], r["top1"])
+            for r in result["rows"]
+            if r["method"] == method
+        )
         style = markers.get(method, "o")
         for ax, index in zip(axes, (1, 2), strict=True):
             ax.plot([p[0] for p in pts], [p[index] for p in pts], style, label=method)
-    for ax, name in zip(axes, ("held-out KL to the full model (T=1)", "top-1 agreement"),
-                        strict=True):  # fmt: skip
+    for ax, name in zip(
+        axes, ("held-out KL to the full model (T=1)", "top-1 agreement"), strict=True
+    ):
         ax.set_xlabel(f"reasoning layers run per prompt (of {result['reasoning_layers']})")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -165,16 +191,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.pareto", description=__doc__,
+        prog="python -m train.pareto",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     parser.add_argument("--config", required=True, help="router run config (stage 2)")
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")
     parser.add_argument("--variants", nargs="+", default=["gumbel", "reinforce"])
     parser.add_argument("--lambdas", nargs="+", type=float, required=True)
-    parser.add_argument("--drops", nargs="+", type=int, default=None,
-                        help="static baselines: numbers of reasoning layers dropped "
-                        "(default: 0, R/4, R/2, 3R/4, R)")  # fmt: skip
+    parser.add_argument(
+        "--drops",
+        nargs="+",
+        type=int,
+        default=None,
+        help="static baselines: numbers of reasoning layers dropped "
+        "(default: 0, R/4, R/2, 3R/4, R)",
+    )
     parser.add_argument("--random-draws", type=int, default=3)
     parser.add_argument("--out", default=None, help="default: RUN_DIR/pareto")
     args = parser.parse_args(argv)

@@ -42,8 +42,9 @@ def resolve_base(cfg: RunConfig) -> Model:
         if not out.is_dir():
             model = tiny_random_model(seed=0)
             params = jax.tree.map(lambda a: a.astype(resolve_dtype(cfg.model.dtype)), model.params)
-            write_model_dir(out, model.config, params, byte_tokenizer().save_pretrained,
-                            "tiny-random")  # fmt: skip
+            write_model_dir(
+                out, model.config, params, byte_tokenizer().save_pretrained, "tiny-random"
+            )
         return load_model(out)
     if path != EMBEDDED_DEFAULT and not Path(path).is_dir():
         raise ConfigError(
@@ -133,5 +134,7 @@ def initial_trainable(cfg: RunConfig, base: Model) -> Params:
             f"router_train.init_nets: the nets in {path} have split/sizes {ycfg}, this run's "
             f"yoro section asks for {cfg.yoro}; they must match (the router may differ)"
         )
-    return {**{k: v for k, v in loaded.items() if k != "router"}, **(
-        {"router": fresh["router"]} if "router" in fresh else {})}  # fmt: skip
+    return {
+        **{k: v for k, v in loaded.items() if k != "router"},
+        **({"router": fresh["router"]} if "router" in fresh else {}),
+    }

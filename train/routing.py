@@ -69,9 +69,10 @@ def router_objective(
         advantage = jax.lax.stop_gradient(reward - baseline)
         loss += -jnp.mean(advantage * routing.log_prob)
         m = rt.baseline_momentum
-        metrics |= {"reward": mean_reward,
-                    "baseline": jnp.where(step == 0, mean_reward,
-                                          m * ema_baseline + (1 - m) * mean_reward)}  # fmt: skip
+        metrics |= {
+            "reward": mean_reward,
+            "baseline": jnp.where(step == 0, mean_reward, m * ema_baseline + (1 - m) * mean_reward),
+        }
     else:  # straight-through gates: the compute penalty is differentiable
         loss += rt.compute_penalty * jnp.mean(compute)
         metrics["baseline"] = ema_baseline

@@ -46,8 +46,10 @@ def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransforma
 
 
 def _router_labels(trainable: Params) -> Params:
-    return {name: jax.tree.map(lambda _, n=name: "train" if n == "router" else "keep", tree)
-            for name, tree in trainable.items()}  # fmt: skip
+    return {
+        name: jax.tree.map(lambda _, n=name: "train" if n == "router" else "keep", tree)
+        for name, tree in trainable.items()
+    }
 
 
 # ------------------------------------------------------------------------- the step
@@ -90,28 +92,38 @@ def row_sums(
         teacher_hidden = jax.lax.stop_gradient(final[:, window])
         teacher_z = jax.lax.stop_gradient(coherence_input[:, prompt_len:])
     sums = chunked_sums(
-        lambda h: model.logits(frozen, h), hidden, batch, temperature=temperature,
-        ce_weight=ce_weight, chunk=chunk, teacher_hidden=teacher_hidden if online else None,
+        lambda h: model.logits(frozen, h),
+        hidden,
+        batch,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        chunk=chunk,
+        teacher_hidden=teacher_hidden if online else None,
         remat=remat_logits,
-    )  # fmt: skip
+    )
     if hidden_weight:
         target = batch.get("teacher_hidden", teacher_z)
         # z at position P+i predicts response token i+1: mask of targets 1..R-1
         sums["hidden"] = hidden_match(
-            z[:, : resp_len - 1], target[:, : resp_len - 1], batch["target_mask"][:, 1:],
+            z[:, : resp_len - 1],
+            target[:, : resp_len - 1],
+            batch["target_mask"][:, 1:],
             hidden_loss,
-        )  # fmt: skip
+        )
     return sums, routing
 
 
 def loss_options(loss: LossSection) -> tuple[tuple[str, Any], ...]:
     """The train step's static loss options (hashable) from the config's loss section."""
     return (
-        ("online", loss.mode == "online"), ("temperature", loss.soft_temperature),
-        ("ce_weight", loss.ce_weight), ("chunk", loss.logits_chunk),
-        ("hidden_weight", loss.hidden_weight), ("hidden_loss", loss.hidden_loss),
+        ("online", loss.mode == "online"),
+        ("temperature", loss.soft_temperature),
+        ("ce_weight", loss.ce_weight),
+        ("chunk", loss.logits_chunk),
+        ("hidden_weight", loss.hidden_weight),
+        ("hidden_loss", loss.hidden_loss),
         ("remat_logits", loss.remat_logits),
-    )  # fmt: skip
+    )
 
 
 def loss_sums(model, frozen, trainable, batch, prompt_len, **opts) -> dict[str, jax.Array]:
@@ -149,8 +161,9 @@ def train_step(
 
     def loss_fn(trainable):
         if routed and not router_opts.train_nets:  # stage 2: no gradients into the nets
-            trainable = {k: v if k == "router" else jax.lax.stop_gradient(v)
-                         for k, v in trainable.items()}  # fmt: skip
+            trainable = {
+                k: v if k == "router" else jax.lax.stop_gradient(v) for k, v in trainable.items()
+            }
         routing_args = {"key": key, "router_temperature": temperature} if routed else {}
         rows, routing = row_sums(
             model, frozen, trainable, batch, prompt_len, **opts, **routing_args
@@ -166,9 +179,13 @@ def train_step(
             rows["count"], 1.0
         )
         extra, router_metrics = router_objective(
-            routing, row_loss, batch["valid"][:, :prompt_len], router_opts, state["step"],
+            routing,
+            row_loss,
+            batch["valid"][:, :prompt_len],
+            router_opts,
+            state["step"],
             state["baseline"],
-        )  # fmt: skip
+        )
         return loss + extra, (sums, router_metrics | {"distill": loss})
 
     (loss, (sums, router_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

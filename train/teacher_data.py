@@ -54,9 +54,13 @@ def _feature_spec(cfg: RunConfig) -> dict | None:
     if not cfg.teacher.features:
         return None
     y = cfg.yoro
-    return {"dtype": cfg.teacher.feature_dtype, "splits": list(FEATURE_SPLITS),
-            "embedding_layers": y.embedding_layers, "coherence_layers": y.coherence_layers,
-            "compensation_layers": y.compensation_layers}  # fmt: skip
+    return {
+        "dtype": cfg.teacher.feature_dtype,
+        "splits": list(FEATURE_SPLITS),
+        "embedding_layers": y.embedding_layers,
+        "coherence_layers": y.coherence_layers,
+        "compensation_layers": y.compensation_layers,
+    }
 
 
 def feature_depths(cfg: RunConfig, base: Any) -> tuple[int, ...]:
@@ -126,8 +130,12 @@ def generate_teacher_data(
     eos, pad = special_ids(base.config, base.tokenizer)
     size = cfg.teacher.shard_size
     paths = {s: shard_paths(out, s, len(p), size) for s, p in splits.items()}
-    todo = sum(len(splits[s][i * size : (i + 1) * size])
-               for s in splits for i, p in enumerate(paths[s]) if not p.exists())  # fmt: skip
+    todo = sum(
+        len(splits[s][i * size : (i + 1) * size])
+        for s in splits
+        for i, p in enumerate(paths[s])
+        if not p.exists()
+    )
     if not todo:
         return paths
     progress = tqdm(total=todo, desc="teacher responses", unit="prompt")
@@ -144,18 +152,25 @@ def generate_teacher_data(
                 rows = order[start : start + cfg.teacher.batch_size]
                 features = cfg.teacher.features and split in FEATURE_SPLITS
                 completions = generate_tokens(
-                    recording if features else decoder, base.params, [shard[i] for i in rows],
-                    max_new_tokens=cfg.teacher.max_new_tokens, eos_ids=eos, pad_id=pad,
+                    recording if features else decoder,
+                    base.params,
+                    [shard[i] for i in rows],
+                    max_new_tokens=cfg.teacher.max_new_tokens,
+                    eos_ids=eos,
+                    pad_id=pad,
                     record_top_k=cfg.teacher.top_k,
-                )  # fmt: skip
+                )
                 for i, c in zip(rows, completions, strict=True):
                     f = feature_record(c, cfg, feature_dtype) if features else {}
-                    records[i] = serialize({
-                        "prompt": np.asarray(shard[i], np.int32),
-                        "response": np.asarray(c.tokens, np.int32),
-                        "top_ids": c.top_ids.astype(np.int32),
-                        "top_logprobs": c.top_logprobs.astype(np.float32),
-                    } | f)  # fmt: skip
+                    records[i] = serialize(
+                        {
+                            "prompt": np.asarray(shard[i], np.int32),
+                            "response": np.asarray(c.tokens, np.int32),
+                            "top_ids": c.top_ids.astype(np.int32),
+                            "top_logprobs": c.top_logprobs.astype(np.float32),
+                        }
+                        | f
+                    )
                 new_tokens += sum(len(c.tokens) for c in completions)
                 progress.update(len(rows))
                 progress.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
@@ -167,14 +182,24 @@ def generate_teacher_data(
             partial.replace(path)
     progress.close()
     seconds = time.perf_counter() - started
-    report = {"prompts": todo, "seconds": round(seconds, 1), "prompts_per_s": todo / seconds,
-              "tokens_per_s": new_tokens / seconds, "response_tokens": new_tokens,
-              "bytes": sum(p.stat().st_size for ps in paths.values() for p in ps)}  # fmt: skip
+    report = {
+        "prompts": todo,
+        "seconds": round(seconds, 1),
+        "prompts_per_s": todo / seconds,
+        "tokens_per_s": new_tokens / seconds,
+        "response_tokens": new_tokens,
+        "bytes": sum(p.stat().st_size for ps in paths.values() for p in ps),
+    }
     (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"teacher: {todo} prompts in {seconds:.0f} s ({report['prompts_per_s']:.2f} prompts/s, "
-          f"{report['tokens_per_s']:.0f} answer tokens/s); {report['bytes'] / 2**20:.0f} MiB of "
-          f"shards, {report['bytes'] / max(new_tokens, 1) / 1024:.1f} KiB per answer token"
-          + (f" (frozen features in {cfg.teacher.feature_dtype})"
-             if cfg.teacher.features and set(FEATURE_SPLITS) & set(splits) else ""),
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"teacher: {todo} prompts in {seconds:.0f} s ({report['prompts_per_s']:.2f} prompts/s, "
+        f"{report['tokens_per_s']:.0f} answer tokens/s); {report['bytes'] / 2**20:.0f} MiB of "
+        f"shards, {report['bytes'] / max(new_tokens, 1) / 1024:.1f} KiB per answer token"
+        + (
+            f" (frozen features in {cfg.teacher.feature_dtype})"
+            if cfg.teacher.features and set(FEATURE_SPLITS) & set(splits)
+            else ""
+        ),
+        file=sys.stderr,
+    )
     return paths

@@ -40,9 +40,18 @@ def byte_tokenizer():
 def tiny_random_model(seed: int = 0, num_layers: int = 6) -> Model:
     tokenizer = byte_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        pad_token_id=0,
+    )
     params = init_params(cfg, jax.random.key(seed))
     return Model(cfg, params, tokenizer, None, params_fingerprint(params))

@@ -88,8 +88,12 @@ class Trainer:
                 f"train.batch_size ({cfg.train.batch_size}) exceeds the {len(records)} training "
                 "examples"
             )
-        collate = partial(data_lib.collate, pad_id=self.pad_id, top_k=cfg.teacher.top_k,
-                          features=cfg.teacher.features)  # fmt: skip
+        collate = partial(
+            data_lib.collate,
+            pad_id=self.pad_id,
+            top_k=cfg.teacher.top_k,
+            features=cfg.teacher.features,
+        )
         hosts, host = jax.process_count(), jax.process_index()
         dataset = (
             grain.MapDataset.source(records).shuffle(seed=cfg.train.seed).repeat(cfg.train.epochs)
@@ -146,8 +150,12 @@ class Trainer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
         def read(target):
-            return manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()))  # fmt: skip
+            return manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()
+                ),
+            )
 
         try:
             restored = read(abstract)
@@ -171,16 +179,27 @@ class Trainer:
     def save(self, manager, step: int, state, iterator) -> None:
         import orbax.checkpoint as ocp
 
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(iterator.get_state())),
-            force=True)  # fmt: skip
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(iterator.get_state())
+            ),
+            force=True,
+        )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, trainable: Params) -> dict[str, float]:
         """KL to the teacher (T=1), top-1 agreement, teacher-token CE on held-out prompts."""
-        return heldout_metrics(self.model, self.frozen, trainable, self.val_examples,
-                               self.cfg.train.batch_size, self.pad_id, self.cfg.teacher.top_k,
-                               self.cfg.loss.logits_chunk)  # fmt: skip
+        return heldout_metrics(
+            self.model,
+            self.frozen,
+            trainable,
+            self.val_examples,
+            self.cfg.train.batch_size,
+            self.pad_id,
+            self.cfg.teacher.top_k,
+            self.cfg.loss.logits_chunk,
+        )
 
     def samples(self, trainable: Params, step: int) -> list[dict[str, str]]:
         tok = self.base.tokenizer
@@ -192,15 +211,21 @@ class Trainer:
         if not prompts:
             return []
         eos, pad = special_ids(self.base.config, tok)
-        opts = {"max_new_tokens": self.cfg.eval.sample_max_new_tokens, "eos_ids": eos,
-                "pad_id": pad, "tokenizer": tok, "mesh": self.mesh}  # fmt: skip
+        opts = {
+            "max_new_tokens": self.cfg.eval.sample_max_new_tokens,
+            "eos_ids": eos,
+            "pad_id": pad,
+            "tokenizer": tok,
+            "mesh": self.mesh,
+        }
         if self._full_answers is None:
             full = LlamaDecoder(self.base.config, self.model.dtype)
             self._full_answers = generate_tokens(full, self.frozen, prompts, **opts)
         yoro = generate_tokens(YoroDecoder(self.model), (self.frozen, trainable), prompts, **opts)
-        rows = [{"step": step, "prompt": p, "full": f.text, "yoro": y.text}
-                for p, f, y in zip(self.cfg.eval.sample_prompts, self._full_answers, yoro,
-                                   strict=True)]  # fmt: skip
+        rows = [
+            {"step": step, "prompt": p, "full": f.text, "yoro": y.text}
+            for p, f, y in zip(self.cfg.eval.sample_prompts, self._full_answers, yoro, strict=True)
+        ]
         with (self.run_dir / "samples.jsonl").open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -217,8 +242,11 @@ class Trainer:
             scalars[f"skip_rate/layer_{index:02d}"] = rate
         log.write(step, "val", scalars | {"tokens_seen": tokens_seen})
         rows = self.samples(trainable, step)
-        routed = (f"  reasoning layers {metrics['reasoning_layers']:.2f}"
-                  if "reasoning_layers" in metrics else "")  # fmt: skip
+        routed = (
+            f"  reasoning layers {metrics['reasoning_layers']:.2f}"
+            if "reasoning_layers" in metrics
+            else ""
+        )
         tqdm.write(f"step {step}: val KL {metrics['kl']:.4f}  top-1 {metrics['top1']:.3f}{routed}")
         for row in rows[:2]:
             tqdm.write(f"  [full] {row['full']!r}\n  [yoro] {row['yoro']!r}")
@@ -227,8 +255,9 @@ class Trainer:
             self.export(self.run_dir / "best", trainable, extra={"val": best})
 
     def export(self, out: Path, trainable: Params, extra: dict | None = None) -> None:
-        save_yoro(out, self.cfg.yoro, trainable, self.base.path, self.base.fingerprint,
-                  overwrite=True)  # fmt: skip
+        save_yoro(
+            out, self.cfg.yoro, trainable, self.base.path, self.base.fingerprint, overwrite=True
+        )
         if extra:
             (out / "metrics.json").write_text(json.dumps(extra, indent=2) + "\n")
 
@@ -260,10 +289,16 @@ class Trainer:
                     batch = next(iterator)
                     arrays, prompt_len = to_device(batch, self.mesh)
                     new_state, m = train_step(
-                        self.model, self.frozen, state, arrays,
-                        tx=self.tx, prompt_len=prompt_len, loss_opts=self.loss_opts,
-                        router_opts=router_opts, temperature=jnp.float32(temperature),
-                    )  # fmt: skip
+                        self.model,
+                        self.frozen,
+                        state,
+                        arrays,
+                        tx=self.tx,
+                        prompt_len=prompt_len,
+                        loss_opts=self.loss_opts,
+                        router_opts=router_opts,
+                        temperature=jnp.float32(temperature),
+                    )
                     loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
                     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                         raise NonFiniteLoss(
@@ -287,26 +322,35 @@ class Trainer:
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window["time"]
                     scalars = {
-                        "loss": window["loss"] / window["n"], "kl": window["kl"] / window["n"],
-                        "grad_norm": grad_norm, "lr": float(self.schedule(step)),
+                        "loss": window["loss"] / window["n"],
+                        "kl": window["kl"] / window["n"],
+                        "grad_norm": grad_norm,
+                        "lr": float(self.schedule(step)),
                         "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-                    }  # fmt: skip
+                    }
                     if "hidden" in window:
                         scalars["hidden"] = window["hidden"] / window["n"]
                     if self.routed:
                         scalars |= {k: v / window["n"] for k, v in router_window.items()}
-                        scalars |= {"temperature": temperature,
-                                    "baseline": float(state["baseline"])}  # fmt: skip
+                        scalars |= {
+                            "temperature": temperature,
+                            "baseline": float(state["baseline"]),
+                        }
                         router_window = {}
                     log.write(step, "train", scalars)
-                    progress.set_postfix(loss=f"{scalars['loss']:.4f}",
-                                         tok_s=f"{scalars['tokens_per_s']:.0f}")  # fmt: skip
-                    window = {"loss": 0.0, "kl": 0.0, "tokens": 0, "n": 0,
-                              "time": time.perf_counter()}  # fmt: skip
+                    progress.set_postfix(
+                        loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}"
+                    )
+                    window = {
+                        "loss": 0.0,
+                        "kl": 0.0,
+                        "tokens": 0,
+                        "n": 0,
+                        "time": time.perf_counter(),
+                    }
                 paused = time.perf_counter()  # validation and saving don't count as training
                 if step % cfg.eval.every_steps == 0 and step != self.total_steps:
-                    self.validate(state["trainable"], step, log, best,
-                                  int(state["tokens_seen"]))  # fmt: skip
+                    self.validate(state["trainable"], step, log, best, int(state["tokens_seen"]))
                 if step % cfg.checkpoint.every_steps == 0 or step == self.total_steps:
                     self.save(manager, step, state, iterator)
                 window["time"] += time.perf_counter() - paused

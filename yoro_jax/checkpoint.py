@@ -218,9 +218,13 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 # ------------------------------------------------------------------ YORO nets directories
 def save_yoro(
-    out: Path, ycfg: YoroConfig, trainable: Params, base_dir: Path | None, base_fingerprint: str,
+    out: Path,
+    ycfg: YoroConfig,
+    trainable: Params,
+    base_dir: Path | None,
+    base_fingerprint: str,
     overwrite: bool = False,
-) -> None:  # fmt: skip
+) -> None:
     """Write the trainable nets + YORO config + the identity of their base model."""
     with atomic_directory(Path(out), overwrite) as tmp:
         save_pytree(tmp / TRAINABLE_DIR, trainable)
@@ -275,8 +279,10 @@ def load_yoro(path: Path, base: Any = None) -> tuple[YoroConfig, Params, Any]:
             f"reads {NETS_FORMAT_VERSION} and upgrades 1)"
         )
     # version 1 saved the compensation layers as a list: restore that, then stack
-    old = {**abstract, "compensation": jax.eval_shape(llama.unstack_layers,
-                                                      abstract["compensation"])}  # fmt: skip
+    old = {
+        **abstract,
+        "compensation": jax.eval_shape(llama.unstack_layers, abstract["compensation"]),
+    }
     trainable = restore_pytree(Path(path) / TRAINABLE_DIR, old)
     layers = trainable["compensation"]
     trainable["compensation"] = (

@@ -162,16 +162,20 @@ class YoroDecoder:
         x = llama.embed_tokens(frozen, tokens, m.dtype)
         embedding_cache = llama.init_cache(cfg, m.ycfg.embedding_layers, batch, length, m.dtype)
         e, embedding_cache = llama.run_layers(
-            cfg, m.embedding_layers(frozen), x, rope, cached_mask, embedding_cache, 0
+            cfg, frozen["layers"], x, rope, cached_mask, embedding_cache, 0, span=m.embedding_span
         )
         gates = self.gates(trainable, e, valid)
         r, h_reason, states = m.prompt_pass(frozen, e, rope, prompt_mask, gates, skip=True)
         if m.ycfg.exact:
             caches = m.exact_caches(frozen, trainable, states, rope, length)
         else:
-            empty = {name: llama.init_cache(cfg, count, batch, length, m.dtype) for name, count in
-                     (("compensation", m.ycfg.compensation_layers),
-                      ("coherence", m.ycfg.coherence_layers))}  # fmt: skip
+            empty = {
+                name: llama.init_cache(cfg, count, batch, length, m.dtype)
+                for name, count in (
+                    ("compensation", m.ycfg.compensation_layers),
+                    ("coherence", m.ycfg.coherence_layers),
+                )
+            }
             _, _, caches = m.yoro_path(frozen, trainable, e, r, rope, cached_mask, empty, 0)
         caches["embedding"] = embedding_cache
         caches["reasoning_layers"] = (
@@ -190,7 +194,7 @@ class YoroDecoder:
         caches = dict(caches)
         x = llama.embed_tokens(frozen, tokens, m.dtype)
         e, caches["embedding"] = llama.run_layers(
-            cfg, m.embedding_layers(frozen), x, rope, mask, caches["embedding"], slot
+            cfg, frozen["layers"], x, rope, mask, caches["embedding"], slot, span=m.embedding_span
         )
         h, _, path_caches = m.yoro_path(frozen, trainable, e, None, rope, mask, caches, slot)
         return h, caches | path_caches

@@ -121,9 +121,14 @@ def advance(
         i, s = carry
         kv_valid = s["kv_valid"].at[:, s["slot"]].set(True)
         logits, caches = step(
-            decoder, params, s["caches"], s["token"][:, None], s["position"][:, None],
-            kv_valid, s["slot"],
-        )  # fmt: skip
+            decoder,
+            params,
+            s["caches"],
+            s["token"][:, None],
+            s["position"][:, None],
+            kv_valid,
+            s["slot"],
+        )
         key = jax.random.fold_in(s["key"], s["n_out"])
         new, top = _pick(logits, key, sampling, record_top_k)
         new = jnp.where(s["done"], pad_id, new)
@@ -210,12 +215,17 @@ def generate_tokens(
     tokens, valid = left_pad(prompts, bucket(max(map(len, prompts))), pad_id)
     tokens, valid = shard_batch((tokens, valid), mesh)
     out_len = bucket(max_new_tokens)
-    statics = {"sampling": sampling, "eos_ids": eos, "pad_id": pad_id,
-               "record_top_k": record_top_k}  # fmt: skip
+    statics = {"sampling": sampling, "eos_ids": eos, "pad_id": pad_id, "record_top_k": record_top_k}
     state = start(
-        decoder, params, tokens, valid, jax.random.key(seed),
-        max_new_tokens, out_len=out_len, **statics,
-    )  # fmt: skip
+        decoder,
+        params,
+        tokens,
+        valid,
+        jax.random.key(seed),
+        max_new_tokens,
+        out_len=out_len,
+        **statics,
+    )
     if chunk is None:
         chunk = 8 if (on_update or stop) else max_new_tokens
     batch = len(prompts)

@@ -90,11 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     for label, (decoder, params, layers) in decoders.items():
         print(f"[{label}: {layers} decoder layers per generated token]", file=sys.stderr)
         answers[label] = generate_tokens(
-            decoder, params, prompts,
-            max_new_tokens=args.max_new_tokens, eos_ids=eos, pad_id=pad, sampling=sampling,
-            seed=args.seed, tokenizer=model.tokenizer, stop=args.stop,
+            decoder,
+            params,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            eos_ids=eos,
+            pad_id=pad,
+            sampling=sampling,
+            seed=args.seed,
+            tokenizer=model.tokenizer,
+            stop=args.stop,
             on_update=stream_printer(model.tokenizer) if stream else None,
-        )  # fmt: skip
+        )
         needed = [c.reasoning_layers for c in answers[label] if c.reasoning_layers is not None]
         if needed and label != "full":
             print(f"[{label}: reasoning layers run per prompt: {needed}]", file=sys.stderr)

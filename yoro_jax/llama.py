@@ -255,6 +255,11 @@ def apply_layer(
     return DecoderLayer(cfg).apply({"params": layer}, x, rope, mask, cache, slot)
 
 
+def layer_at(layers: Layers, index: jax.Array | int) -> Params:
+    """Layer ``index`` of a stack (a dynamic index inside a scan: no copy of the stack)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), layers)
+
+
 def run_layers(
     cfg: LlamaConfig,
     layers: Layers,
@@ -265,22 +270,29 @@ def run_layers(
     slot: jax.Array | int = 0,
     remat: bool = False,
     collect: bool = False,
+    span: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, Caches | None] | tuple[jax.Array, Caches | None, jax.Array]:
     """Run a block of stacked layers as one ``lax.scan``; returns ``(hidden, new caches)``,
     and with ``collect`` also every layer's input states ``[L, B, T, d]``.
 
-    ``remat``: keep only each layer's input for the backward pass and recompute the rest
-    (activation memory of one layer instead of all of them, for ~1 extra forward).
+    ``span=(start, stop)`` runs layers ``[start, stop)`` of the stack by indexing it inside
+    the scan (a block of the base model: slicing the stack first would copy the block's
+    weights on every call). ``remat``: keep only each layer's input for the backward pass
+    and recompute the rest (activation memory of one layer instead of all of them, for ~1
+    extra forward).
     """
 
     def body(h, layer_and_cache):
         layer, cache = layer_and_cache
+        if span is not None:
+            layer = layer_at(layers, layer)  # ``layer`` is the index
         out, cache = apply_layer(cfg, layer, h, rope, mask, cache, slot)
         return out, (cache, h if collect else None)
 
     if remat:
         body = jax.checkpoint(body)
-    h, (new_caches, inputs) = jax.lax.scan(body, x, (layers, caches))
+    xs = layers if span is None else jnp.arange(*span)
+    h, (new_caches, inputs) = jax.lax.scan(body, x, (xs, caches))
     return (h, new_caches, inputs) if collect else (h, new_caches)
 
 

@@ -79,9 +79,14 @@ class Router(Protocol):
     def init(self, key: jax.Array, hidden_size: int, num_layers: int) -> Params: ...
 
     def sample(
-        self, params: Params, e: jax.Array, valid: jax.Array, *, key: jax.Array,
+        self,
+        params: Params,
+        e: jax.Array,
+        valid: jax.Array,
+        *,
+        key: jax.Array,
         temperature: jax.Array | float,
-    ) -> RouterOutput: ...  # fmt: skip
+    ) -> RouterOutput: ...
 
     def decide(self, params: Params, e: jax.Array, valid: jax.Array) -> jax.Array: ...
 
@@ -122,9 +127,12 @@ class GateMLP(nn.Module):
         for i, width in enumerate((max(d // 2, 1), max(d // 4, 1))):
             x = jax.nn.gelu(nn.Dense(width, dtype=jnp.float32, name=f"hidden_{i}")(x))
         out = nn.Dense(
-            self.num_layers, dtype=jnp.float32, bias_init=nn.initializers.constant(self.init_bias),
-            kernel_init=nn.initializers.zeros, name="gates",
-        )  # fmt: skip
+            self.num_layers,
+            dtype=jnp.float32,
+            bias_init=nn.initializers.constant(self.init_bias),
+            kernel_init=nn.initializers.zeros,
+            name="gates",
+        )
         return out(x)
 
 

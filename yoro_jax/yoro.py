@@ -103,8 +103,9 @@ class YoroConfig:
     def from_dict(cls, raw: dict[str, Any]) -> YoroConfig:
         """From the saved JSON (nets saved before routers or variants existed lack those keys:
         they are reference nets without a router)."""
-        return cls(**{**PRESETS["reference"], **raw,
-                      "router": RouterConfig(**raw.get("router", {}))})  # fmt: skip
+        return cls(
+            **{**PRESETS["reference"], **raw, "router": RouterConfig(**raw.get("router", {}))}
+        )
 
     def validate_fields(self) -> YoroConfig:
         self.router.validate()
@@ -300,6 +301,20 @@ class Yoro:
         n = self.base.num_hidden_layers
         return llama.slice_layers(frozen["layers"], n - self.ycfg.coherence_layers, n)
 
+    # the same blocks as spans of the stack, for running them (no copy of the weights)
+    @property
+    def embedding_span(self) -> tuple[int, int]:
+        return 0, self.ycfg.embedding_layers
+
+    @property
+    def reasoning_span(self) -> tuple[int, int]:
+        return self.ycfg.reasoning_range(self.base)
+
+    @property
+    def coherence_span(self) -> tuple[int, int]:
+        n = self.base.num_hidden_layers
+        return n - self.ycfg.coherence_layers, n
+
     def adapt(self, trainable: Params, x: jax.Array) -> jax.Array:
         module = _mlp_module(self.ycfg, self.ycfg.adaptation_layers)
         return module.apply({"params": trainable["adaptation"]}, x)
@@ -326,27 +341,29 @@ class Yoro:
         0/1 gates): a layer no row of the batch needs is not run at all (``lax.cond``), and
         rows that do not need a run layer keep h exactly.
         """
-        layers = self.reasoning_layers(frozen)
-        split = llama.num_layers(layers) - collect
-        head_layers = llama.slice_layers(layers, 0, split)
-        tail_layers = llama.slice_layers(layers, split, split + collect)
+        cfg, stack = self.base, frozen["layers"]
+        start, stop = self.reasoning_span
+        head, tail = (start, stop - collect), (stop - collect, stop)
         if gates is None:
-            h, _ = llama.run_layers(self.base, head_layers, e, rope, mask)
+            h, _ = llama.run_layers(cfg, stack, e, rope, mask, span=head)
             if not collect:
                 return h, None
-            h, _, states = llama.run_layers(self.base, tail_layers, h, rope, mask, collect=True)
+            h, _, states = llama.run_layers(cfg, stack, h, rope, mask, collect=True, span=tail)
             return h, states
         by_layer = jnp.moveaxis(gates, -1, 0)  # [R, B] or [R, B, P]
-        h, _ = self._gated(head_layers, e, rope, mask, by_layer[:split], skip, False)
+        split = stop - collect - start
+        h, _ = self._gated(stack, head, e, rope, mask, by_layer[:split], skip, False)
         if not collect:
             return h, None
-        return self._gated(tail_layers, h, rope, mask, by_layer[split:], skip, True)
+        return self._gated(stack, tail, h, rope, mask, by_layer[split:], skip, True)
 
-    def _gated(self, layers, h, rope, mask, gates, skip, collect):
-        """Router-gated layers as one scan over (layer, gate); see :meth:`reason`."""
+    def _gated(self, stack, span, h, rope, mask, gates, skip, collect):
+        """Router-gated layers ``span`` of the stack as one scan over (layer, gate); see
+        :meth:`reason`."""
 
-        def body(h, layer_and_gate):
-            layer, g = layer_and_gate
+        def body(h, index_and_gate):
+            index, g = index_and_gate
+            layer = llama.layer_at(stack, index)
             g = (g[:, None, None] if g.ndim == 1 else g[..., None]).astype(h.dtype)
 
             def run(h):
@@ -360,7 +377,7 @@ class Yoro:
                 out = g * run(h) + (1 - g) * h
             return out, h if collect else None
 
-        return jax.lax.scan(body, h, (layers, gates))
+        return jax.lax.scan(body, h, (jnp.arange(*span), gates))
 
     def route(
         self,
@@ -380,29 +397,40 @@ class Yoro:
         return router.sample(trainable["router"], e, valid, key=key, temperature=router_temperature)
 
     def prompt_pass(
-        self, frozen: Params, e: jax.Array, rope: llama.Rope, mask: jax.Array,
-        gates: jax.Array | None = None, skip: bool = False,
-    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
+        self,
+        frozen: Params,
+        e: jax.Array,
+        rope: llama.Rope,
+        mask: jax.Array,
+        gates: jax.Array | None = None,
+        skip: bool = False,
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """Reasoning + coherence over the prompt: ``(r, h_reason, prompt_states)``.
 
         ``prompt_states`` [Lc+C, B, P, d] (exact context only, else None): the full model's
         hidden states at the inputs of the base layers the compensation and coherence
         layers stand for.
         """
-        exact, coherence = self.ycfg.exact, self.coherence_layers(frozen)
+        exact, stack, coherence = self.ycfg.exact, frozen["layers"], self.coherence_span
         collect = self.ycfg.compensation_layers if exact else 0
         r, comp_states = self.reason(frozen, e, rope, mask, gates, skip, collect)
         if not exact:
-            return r, llama.run_layers(self.base, coherence, r, rope, mask)[0], None
-        h, _, coh_states = llama.run_layers(self.base, coherence, r, rope, mask, collect=True)
+            return r, llama.run_layers(self.base, stack, r, rope, mask, span=coherence)[0], None
+        h, _, coh_states = llama.run_layers(
+            self.base, stack, r, rope, mask, collect=True, span=coherence
+        )
         if comp_states is None:  # no compensation layers
             return r, h, coh_states
         return r, h, jnp.concatenate([comp_states, coh_states], axis=0)
 
     def exact_caches(
-        self, frozen: Params, trainable: Params, prompt_states: jax.Array,
-        rope: llama.Rope, length: int,
-    ) -> dict[str, llama.Caches]:  # fmt: skip
+        self,
+        frozen: Params,
+        trainable: Params,
+        prompt_states: jax.Array,
+        rope: llama.Rope,
+        length: int,
+    ) -> dict[str, llama.Caches]:
         """Caches of ``length`` slots whose first P hold the prompt K/V of the exact context:
         each compensation / coherence layer's K/V of the full model's state at its depth
         (``prompt_states`` [Lc+C, B, P, d], as :meth:`prompt_pass` gives them)."""
@@ -437,8 +465,9 @@ class Yoro:
         coh_caches = None if caches is None else caches["coherence"]
 
         def comp(x):
-            return llama.run_layers(cfg, comp_layers, x, rope, mask, comp_caches, slot,
-                                    remat=self.remat)  # fmt: skip
+            return llama.run_layers(
+                cfg, comp_layers, x, rope, mask, comp_caches, slot, remat=self.remat
+            )
 
         if self.ycfg.nets == "reference":
             r_tilde = (
@@ -452,8 +481,17 @@ class Yoro:
             x = e if r is None else jnp.concatenate([r, e[:, n:]], axis=1)
             c, comp_caches = comp(self.adapt(trainable, x))
             z = self.concat(trainable, c)
-        h, coh_caches = llama.run_layers(cfg, self.coherence_layers(frozen), z, rope, mask,
-                                         coh_caches, slot, remat=self.remat)  # fmt: skip
+        h, coh_caches = llama.run_layers(
+            cfg,
+            frozen["layers"],
+            z,
+            rope,
+            mask,
+            coh_caches,
+            slot,
+            remat=self.remat,
+            span=self.coherence_span,
+        )
         new = None if caches is None else {"compensation": comp_caches, "coherence": coh_caches}
         return h, z, new
 
@@ -471,7 +509,7 @@ class Yoro:
         rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
         mask = llama.attention_mask(valid, 0, tokens.shape[1])
         x = llama.embed_tokens(frozen, tokens, self.dtype)
-        e, _ = llama.run_layers(cfg, self.embedding_layers(frozen), x, rope, mask)
+        e, _ = llama.run_layers(cfg, frozen["layers"], x, rope, mask, span=self.embedding_span)
         r, h, states = self.prompt_pass(frozen, e, rope, mask)
         return e, r, h, states
 
@@ -513,8 +551,16 @@ class Yoro:
         caches = self.exact_caches(frozen, trainable, states, prompt_rope, total)
         mask = llama.attention_mask(valid, prompt_len, total - prompt_len)
         response_rope = tuple(t[:, prompt_len:] for t in rope)
-        h, z, _ = self.yoro_path(frozen, trainable, e_response.astype(self.dtype), None,
-                                 response_rope, mask, caches, prompt_len)  # fmt: skip
+        h, z, _ = self.yoro_path(
+            frozen,
+            trainable,
+            e_response.astype(self.dtype),
+            None,
+            response_rope,
+            mask,
+            caches,
+            prompt_len,
+        )
         return h, z
 
     def yoro_from_stored(
@@ -560,16 +606,20 @@ class Yoro:
         prompt_mask = mask[:, :prompt_len, :prompt_len]
 
         x = llama.embed_tokens(frozen, tokens, self.dtype)
-        e, _ = llama.run_layers(cfg, self.embedding_layers(frozen), x, rope, mask)
+        e, _ = llama.run_layers(cfg, frozen["layers"], x, rope, mask, span=self.embedding_span)
         if gates is not None:
             routing = RouterOutput(gates, gates)
         else:
-            routing = self.route(trainable, e[:, :prompt_len], valid[:, :prompt_len], key,
-                                 router_temperature)  # fmt: skip
+            routing = self.route(
+                trainable, e[:, :prompt_len], valid[:, :prompt_len], key, router_temperature
+            )
         r, h_reason, states = self.prompt_pass(
-            frozen, e[:, :prompt_len], prompt_rope, prompt_mask,
+            frozen,
+            e[:, :prompt_len],
+            prompt_rope,
+            prompt_mask,
             None if routing is None else routing.gates,
-        )  # fmt: skip
+        )
         if self.ycfg.exact:
             h, z = self.yoro_from_features(
                 frozen, trainable, e[:, prompt_len:], jnp.moveaxis(states, 0, 1), valid
@@ -601,8 +651,10 @@ class Yoro:
 
     def cast(self, trainable: Params) -> Params:
         """Trainable decoder layers at compute dtype (master weights stay float32)."""
-        return {**trainable, "compensation": jax.tree.map(
-            lambda a: a.astype(self.dtype), trainable["compensation"])}  # fmt: skip
+        return {
+            **trainable,
+            "compensation": jax.tree.map(lambda a: a.astype(self.dtype), trainable["compensation"]),
+        }
 
 
 # ------------------------------------------------------------------------- accounting

@@ -28,8 +28,9 @@ def evaluate(model_args: dict[str, Any], tasks: list[str], limit: int | None) ->
 
     lm = YoroJaxLM(**model_args)
     start = time.perf_counter()
-    out = simple_evaluate(model=lm, tasks=tasks, limit=limit,
-                          task_manager=TaskManager(include_path=str(TASKS_DIR)))  # fmt: skip
+    out = simple_evaluate(
+        model=lm, tasks=tasks, limit=limit, task_manager=TaskManager(include_path=str(TASKS_DIR))
+    )
     out["layers_per_token"] = lm.layers_per_token
     return out, time.perf_counter() - start
 
@@ -42,10 +43,22 @@ def comparison_table(full: dict, yoro: dict) -> str:
                 continue
             other = yoro["results"].get(task, {}).get(key)
             metric = key.split(",")[0]
-            rows.append([task, metric, f"{value:.4f}",
-                         f"{other:.4f}" if isinstance(other, (int, float)) else "-"])  # fmt: skip
-    rows.append(["(generation)", "decoder layers per generated token",
-                 str(full["layers_per_token"]), str(yoro["layers_per_token"])])  # fmt: skip
+            rows.append(
+                [
+                    task,
+                    metric,
+                    f"{value:.4f}",
+                    f"{other:.4f}" if isinstance(other, (int, float)) else "-",
+                ]
+            )
+    rows.append(
+        [
+            "(generation)",
+            "decoder layers per generated token",
+            str(full["layers_per_token"]),
+            str(yoro["layers_per_token"]),
+        ]
+    )
     return markdown_table(["task", "metric", "full", "YORO"], rows)
 
 

@@ -129,8 +129,9 @@ class YoroJaxLM(TemplateLM):
             raise ValueError(f"{self.base.path} has no tokenizer; lm-eval needs one")
         self.tokenizer = self.base.tokenizer
         self.mode = mode
-        self.batch_size = _positive_int("batch_size", 8 if batch_size in (None, "auto")
-                                        else batch_size)  # fmt: skip
+        self.batch_size = _positive_int(
+            "batch_size", 8 if batch_size in (None, "auto") else batch_size
+        )
         cfg = self.base.config
         self.max_length = _positive_int("max_length", max_length or cfg.max_position_embeddings)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
@@ -159,9 +160,12 @@ class YoroJaxLM(TemplateLM):
         return str(self.tokenizer.name_or_path).replace("/", "__")
 
     def tok_encode(
-        self, string: str, add_special_tokens: bool | None = None,
-        left_truncate_len: int | None = None, **kwargs: Any,
-    ) -> list[int]:  # fmt: skip
+        self,
+        string: str,
+        add_special_tokens: bool | None = None,
+        left_truncate_len: int | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
         """Like the ``hf`` backend: the tokenizer's own special-token rule unless told."""
         special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
         if add_special_tokens is None and has_bos_prefix(
@@ -178,9 +182,11 @@ class YoroJaxLM(TemplateLM):
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
         return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            chat_history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
             continue_final_message=not add_generation_prompt,
-        )  # fmt: skip
+        )
 
     # ---------------------------------------------------------------------- scoring
     def _fit(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
@@ -198,16 +204,25 @@ class YoroJaxLM(TemplateLM):
         return context[-keep:], continuation
 
     def _loglikelihood_tokens(
-        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
+        self,
+        requests: list[tuple[Any, list[int], list[int]]],
+        disable_tqdm: bool = False,
         **kwargs: Any,
-    ) -> list[tuple[float, bool]]:  # fmt: skip
+    ) -> list[tuple[float, bool]]:
         pairs = [self._fit(list(ctx), list(cont)) for _, ctx, cont in requests]
-        with tqdm(total=len(pairs), disable=disable_tqdm,
-                  desc=f"loglikelihood ({self.mode})") as bar:  # fmt: skip
+        with tqdm(
+            total=len(pairs), disable=disable_tqdm, desc=f"loglikelihood ({self.mode})"
+        ) as bar:
             results = score_pairs(
-                self.decoder, self.params, pairs, batch_size=self.batch_size, pad_id=self.pad_id,
-                progress=bar, mesh=self.mesh, reasoning_layers=self.reasoning_layers_per_prompt,
-            )  # fmt: skip
+                self.decoder,
+                self.params,
+                pairs,
+                batch_size=self.batch_size,
+                pad_id=self.pad_id,
+                progress=bar,
+                mesh=self.mesh,
+                reasoning_layers=self.reasoning_layers_per_prompt,
+            )
         for (cache_key, _, _), result in zip(requests, results, strict=True):
             if cache_key is not None:
                 self.cache_hook.add_partial("loglikelihood", cache_key, result)
@@ -218,9 +233,11 @@ class YoroJaxLM(TemplateLM):
         windows, owners = [], []
         for index, (text,) in enumerate(req.args for req in requests):
             rolling = lm_utils.get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1,
-            )  # fmt: skip
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
             for context, continuation in map(lm_utils.make_disjoint_window, rolling):
                 windows.append((None, context, continuation))
                 owners.append(index)
@@ -237,9 +254,10 @@ class YoroJaxLM(TemplateLM):
         if not kwargs.pop("do_sample", False) or not kwargs.get("temperature"):
             return SamplingConfig()
         return SamplingConfig(
-            temperature=float(kwargs["temperature"]), top_k=int(kwargs.get("top_k") or 0),
+            temperature=float(kwargs["temperature"]),
+            top_k=int(kwargs.get("top_k") or 0),
             top_p=float(kwargs.get("top_p") or 1.0),
-        )  # fmt: skip
+        )
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Batched KV-cached generation (YORO: reason once per prompt) with stop sequences."""
@@ -260,9 +278,7 @@ class YoroJaxLM(TemplateLM):
                 )
             sampling = self._sampling(kwargs)
             prompts = {
-                i: self.tok_encode(
-                    requests[i].args[0], left_truncate_len=self.max_length - max_new
-                )  # fmt: skip
+                i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_new)
                 for i in indices
             }
             order = sorted(indices, key=lambda i: len(prompts[i]), reverse=True)
@@ -271,10 +287,18 @@ class YoroJaxLM(TemplateLM):
                 rows = [prompts[i] for i in batch]
                 rows += [rows[0]] * (self.batch_size - len(rows))  # one compiled batch shape
                 completions = generate_tokens(
-                    self.decoder, self.params, rows, max_new_tokens=max_new,
-                    eos_ids=self.eos_ids, pad_id=self.pad_id, sampling=sampling,
-                    seed=self.seed + start, tokenizer=self.tokenizer, stop=until, mesh=self.mesh,
-                )  # fmt: skip
+                    self.decoder,
+                    self.params,
+                    rows,
+                    max_new_tokens=max_new,
+                    eos_ids=self.eos_ids,
+                    pad_id=self.pad_id,
+                    sampling=sampling,
+                    seed=self.seed + start,
+                    tokenizer=self.tokenizer,
+                    stop=until,
+                    mesh=self.mesh,
+                )
                 for i, completion in zip(batch, completions, strict=False):
                     if completion.reasoning_layers is not None:
                         self.reasoning_layers_per_prompt.append(completion.reasoning_layers)
@@ -290,8 +314,12 @@ class YoroJaxLM(TemplateLM):
         counts = [c for c in self.reasoning_layers_per_prompt if c >= 0]
         if not counts:
             return None
-        return {"prompts": len(counts), "mean": float(np.mean(counts)),
-                "min": int(min(counts)), "max": int(max(counts))}  # fmt: skip
+        return {
+            "prompts": len(counts),
+            "mean": float(np.mean(counts)),
+            "min": int(min(counts)),
+            "max": int(max(counts)),
+        }
 
     def get_model_info(self) -> dict[str, Any]:
         return {

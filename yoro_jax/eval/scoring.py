@@ -76,7 +76,7 @@ def score_continuations(
         positions,
         per_row(kv_valid).at[:, prompt_len:].set(cont_valid),
         prompt_len,
-    )  # fmt: skip  hidden [N, R, d]; slot j predicts continuation token j+1
+    )  # hidden [N, R, d]; slot j predicts continuation token j+1
 
     first_logprobs = jax.nn.log_softmax(per_row(first_logits), axis=-1)  # [N, V]
     total = jnp.take_along_axis(first_logprobs, conts[:, :1], axis=-1)[:, 0]
@@ -94,8 +94,10 @@ def score_continuations(
         picked = jnp.take_along_axis(logprobs, tgt[..., None], axis=-1)[..., 0]
         hit = jnp.argmax(logprobs, axis=-1) == tgt
         total, greedy = carry
-        return (total + jnp.sum(jnp.where(mask, picked, 0.0), -1),
-                greedy & jnp.all(hit | ~mask, -1)), None  # fmt: skip
+        return (
+            total + jnp.sum(jnp.where(mask, picked, 0.0), -1),
+            greedy & jnp.all(hit | ~mask, -1),
+        ), None
 
     xs = (split(hidden), split(targets), split(target_valid))
     return *jax.lax.scan(body, (total, greedy), xs)[0], layers
@@ -128,16 +130,21 @@ def plan_batches(
         return length_bucket(len(ctx), 16), length_bucket(len(cont), 4), tuple(ctx)
 
     def batch(requests: list[int], contexts: dict) -> Batch:
-        return Batch(requests, list(contexts), max(key(i)[0] for i in requests),
-                     max(key(i)[1] for i in requests))  # fmt: skip
+        return Batch(
+            requests,
+            list(contexts),
+            max(key(i)[0] for i in requests),
+            max(key(i)[1] for i in requests),
+        )
 
     max_rows = ROWS_PER_CONTEXT * batch_size
     current: list[int] = []
     contexts: dict[tuple[int, ...], None] = {}
     for i in sorted(range(len(pairs)), key=key, reverse=True):
         ctx = tuple(pairs[i][0])
-        if current and (len(current) == max_rows or
-                        (ctx not in contexts and len(contexts) == batch_size)):  # fmt: skip
+        if current and (
+            len(current) == max_rows or (ctx not in contexts and len(contexts) == batch_size)
+        ):
             yield batch(current, contexts)
             current, contexts = [], {}
         current.append(i)
