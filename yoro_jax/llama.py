@@ -255,6 +255,17 @@ def apply_layer(
     return DecoderLayer(cfg).apply({"params": layer}, x, rope, mask, cache, slot)
 
 
+# Blocks of at most this many layers are unrolled inside their scan (traced once all the
+# same): a loop of two layers costs a few milliseconds per decode step on CPU and saves
+# no compile time worth having (docs/DESIGN.md §8).
+UNROLL_UP_TO = 4
+
+
+def scan_unroll(length: int) -> int | bool:
+    """``lax.scan``'s ``unroll`` for a block of ``length`` layers."""
+    return True if length <= UNROLL_UP_TO else 1
+
+
 def layer_at(layers: Layers, index: jax.Array | int) -> Params:
     """Layer ``index`` of a stack (a dynamic index inside a scan: no copy of the stack)."""
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), layers)
@@ -292,7 +303,8 @@ def run_layers(
     if remat:
         body = jax.checkpoint(body)
     xs = layers if span is None else jnp.arange(*span)
-    h, (new_caches, inputs) = jax.lax.scan(body, x, (xs, caches))
+    length = num_layers(layers) if span is None else span[1] - span[0]
+    h, (new_caches, inputs) = jax.lax.scan(body, x, (xs, caches), unroll=scan_unroll(length))
     return (h, new_caches, inputs) if collect else (h, new_caches)
 
 

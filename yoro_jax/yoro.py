@@ -377,7 +377,8 @@ class Yoro:
                 out = g * run(h) + (1 - g) * h
             return out, h if collect else None
 
-        return jax.lax.scan(body, h, (jnp.arange(*span), gates))
+        unroll = llama.scan_unroll(span[1] - span[0])
+        return jax.lax.scan(body, h, (jnp.arange(*span), gates), unroll=unroll)
 
     def route(
         self,
