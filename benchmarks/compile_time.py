@@ -3,7 +3,8 @@
 
     python -m benchmarks.compile_time [--baseline 15f0b28] [--skip-cold]
 
-For each source tree (alternating, ``--rounds`` times; best of the rounds) a fresh Python process (cold JAX, no persistent compilation cache)
+For each source tree (alternating, ``--rounds`` times; best of the rounds) a fresh Python
+process (cold JAX, no persistent compilation cache)
 loads SmolLM2 (float32) and calls each program once — the first call traces, lowers,
 compiles and runs — then again for the steady time; compile ≈ first − steady:
 
