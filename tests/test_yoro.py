@@ -284,3 +284,41 @@ def test_save_load_round_trip_and_base_mismatch(tiny_base, tmp_path, ycfg):
         load_yoro(tmp_path / "nets", other)
     with pytest.raises(CheckpointError, match="no trained YORO nets"):
         load_yoro(tmp_path, base)
+
+
+@pytest.mark.parametrize("ycfg", [SPLITS["lean"], VARIANTS["exact (preset)"]])
+def test_format_1_directories_are_upgraded_on_load(tiny_base, tmp_path, ycfg):
+    """Directories written before the layers were stacked (a list of layers) load into the
+    stacked layout bitwise, and the model's fingerprint is the same in both formats."""
+    import json
+
+    from yoro_jax import checkpoint
+
+    cfg, frozen = tiny_base
+    model, frozen, trainable = make_yoro(tiny_base, ycfg)
+    listed = {**frozen, "layers": llama.unstack_layers(frozen["layers"])}
+    old_dir = tmp_path / "base-v1"
+    old_dir.mkdir()
+    cfg.save(old_dir / checkpoint.CONFIG_FILE)
+    checkpoint.save_pytree(old_dir / checkpoint.PARAMS_DIR, listed)
+    meta = {
+        "format_version": 1,
+        "source": "test",
+        "dtype": "float32",
+        "fingerprint": checkpoint.params_fingerprint(listed),
+    }
+    (old_dir / checkpoint.META_FILE).write_text(json.dumps(meta))
+    base = checkpoint.load_model(old_dir)
+    assert base.fingerprint == checkpoint.params_fingerprint(frozen)  # format-independent
+    for a, b in zip(jax.tree.leaves(base.params), jax.tree.leaves(frozen), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    nets = tmp_path / "nets-v1"
+    old_nets = {**trainable, "compensation": llama.unstack_layers(trainable["compensation"])}
+    save_yoro(nets, ycfg, old_nets, old_dir, base.fingerprint)
+    saved = json.loads((nets / checkpoint.YORO_CONFIG_FILE).read_text())
+    del saved["format_version"]  # as version 1 wrote it
+    (nets / checkpoint.YORO_CONFIG_FILE).write_text(json.dumps(saved))
+    _, loaded, _ = load_yoro(nets, base)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(trainable), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -35,10 +35,9 @@ from train.metrics import MetricsLog, heldout_metrics, plot_losses, to_device
 from train.prepare import Prepared, compute_dtype, initial_trainable, prepare_run
 from train.routing import temperature_at
 from train.step import loss_options, lr_schedule, make_optimizer, train_step
-from yoro_jax import llama
 from yoro_jax.checkpoint import (
     CheckpointError,
-    map_named,
+    listed_layout,
     save_yoro,
 )
 from yoro_jax.config import ConfigError
@@ -50,16 +49,6 @@ from yoro_jax.yoro import Yoro
 
 # Test hook: SIGKILL this process right after the given optimizer step (simulates a crash).
 KILL_ENV = "YORO_JAX_KILL_AFTER_STEP"
-
-
-def listed_compensation(abstract: Any) -> Any:
-    """A state's abstract tree with every ``compensation`` stack as a list of layers (the
-    layout of runs saved before format 2)."""
-    return map_named(abstract, "compensation", lambda t: jax.eval_shape(llama.unstack_layers, t))
-
-
-def stacked_compensation(state: Any) -> Any:
-    return map_named(state, "compensation", llama.stack_layers)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -162,15 +151,16 @@ class Trainer:
         except (ValueError, KeyError, TypeError) as err:
             # a run saved before layers were stacked holds its compensation layers (and
             # their optimizer moments) as lists: read them so, then stack
+            old, restack = listed_layout(abstract, "compensation")
             try:
-                restored = read(listed_compensation(abstract))
+                restored = read(old)
             except (ValueError, KeyError, TypeError):
                 raise CheckpointError(
                     f"{self.run_dir}: checkpoint {step} does not match this run's state "
                     f"({err}); it was written with another config or yoro-jax version — "
                     "use a new run directory"
                 ) from err
-            restored["state"] = stacked_compensation(restored["state"])
+            restored["state"] = restack(restored["state"])
         iterator.set_state(restored["loader"])
         print(f"resumed {self.run_dir} from step {step}", file=sys.stderr)
         restored_state = restored["state"]

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from yoro_jax import llama
 from yoro_jax.config import LlamaConfig
 from yoro_jax.llama import Params, init_params, stack_layers, unstack_layers
 from yoro_jax.yoro import (
@@ -83,6 +82,33 @@ def map_named(tree: Any, name: str, fn: Callable[[Any], Any]) -> Any:
     if isinstance(tree, list | tuple):
         return type(tree)(map_named(v, name, fn) for v in tree)
     return tree
+
+
+def listed_layout(abstract: Any, name: str) -> tuple[Any, Callable[[Any], Any]]:
+    """Format 1 stored every stack of layers as a list of layers. For the abstract tree of
+    today's layout, return the format-1 layout of it (every stack under key ``name`` as a
+    list), and the function that stacks a tree read in that layout back (an empty list
+    becomes the empty stack of its abstract)."""
+    stacks: list[Any] = []
+
+    def listed(stack: Any) -> Any:
+        stacks.append(stack)
+        return jax.eval_shape(unstack_layers, stack)
+
+    old = map_named(abstract, name, listed)
+
+    def restack(tree: Any) -> Any:
+        abstracts = iter(stacks)
+
+        def stack(layers: list[Any]) -> Any:
+            like = next(abstracts)
+            if layers:
+                return stack_layers(layers)
+            return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), like)
+
+        return map_named(tree, name, stack)
+
+    return old, restack
 
 
 def save_pytree(path: Path, tree: Any) -> None:
@@ -195,9 +221,8 @@ def load_model(model_dir: str | Path, dtype: str | Any | None = None) -> Model:
     saved_dtype = resolve_dtype(meta["dtype"])
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), saved_dtype))
     if meta["format_version"] == 1:  # layers saved as a list: restore so, then stack
-        old = {**abstract, "layers": jax.eval_shape(unstack_layers, abstract["layers"])}
-        params = restore_pytree(model_dir / PARAMS_DIR, old)
-        params["layers"] = stack_layers(params["layers"])
+        old, restack = listed_layout(abstract, "layers")
+        params = restack(restore_pytree(model_dir / PARAMS_DIR, old))
     else:
         params = restore_pytree(model_dir / PARAMS_DIR, abstract)
     if dtype is not None:
@@ -279,17 +304,5 @@ def load_yoro(path: Path, base: Any = None) -> tuple[YoroConfig, Params, Any]:
             f"reads {NETS_FORMAT_VERSION} and upgrades 1)"
         )
     # version 1 saved the compensation layers as a list: restore that, then stack
-    old = {
-        **abstract,
-        "compensation": jax.eval_shape(llama.unstack_layers, abstract["compensation"]),
-    }
-    trainable = restore_pytree(Path(path) / TRAINABLE_DIR, old)
-    layers = trainable["compensation"]
-    trainable["compensation"] = (
-        llama.stack_layers(layers) if layers else abstract_zeros(abstract["compensation"])
-    )
-    return ycfg, trainable, base
-
-
-def abstract_zeros(abstract: Any) -> Any:
-    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+    old, restack = listed_layout(abstract, "compensation")
+    return ycfg, restack(restore_pytree(Path(path) / TRAINABLE_DIR, old)), base

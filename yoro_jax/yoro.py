@@ -292,14 +292,13 @@ class Yoro:
 
     # blocks: slices of the frozen base's layer stack
     def embedding_layers(self, frozen: Params) -> llama.Layers:
-        return llama.slice_layers(frozen["layers"], 0, self.ycfg.embedding_layers)
+        return llama.slice_layers(frozen["layers"], *self.embedding_span)
 
     def reasoning_layers(self, frozen: Params) -> llama.Layers:
-        return llama.slice_layers(frozen["layers"], *self.ycfg.reasoning_range(self.base))
+        return llama.slice_layers(frozen["layers"], *self.reasoning_span)
 
     def coherence_layers(self, frozen: Params) -> llama.Layers:
-        n = self.base.num_hidden_layers
-        return llama.slice_layers(frozen["layers"], n - self.ycfg.coherence_layers, n)
+        return llama.slice_layers(frozen["layers"], *self.coherence_span)
 
     # the same blocks as spans of the stack, for running them (no copy of the weights)
     @property
