@@ -11,13 +11,17 @@ compiles and runs — then again for the steady time; compile ≈ first − stea
 - the YORO train step (preset "exact", stored frozen features, batch 8 x (64 + 64));
 - YORO prefill (``generate.start``) and the YORO decode loop (``generate.advance``);
 - the full model's decode loop;
-- one lm-eval scoring shape (full model, 4 contexts x 64, 16 continuations x 16).
+- one lm-eval scoring shape (full model, 4 contexts x 64, 16 continuations x 16);
+- in this tree, generation again with the layers *unscanned* (``decoders.unscanned``: a
+  tuple of per-layer buffers, what the generate CLI runs by default), against the same
+  baseline programs. "default" totals count what the tools run: train step and scoring on
+  the stack, generation unscanned.
 
 Then the cold command-to-first-token time of ``python -m yoro_jax.generate --model ...
---max-new-tokens 1`` for both trees, next to transformers' ``generate`` in a cold process
-(loading the same weights from safetensors). The baseline tree is ``git archive``d from
-the repository, so nothing of this checkout changes. The workers use only APIs both trees
-share.
+--max-new-tokens 1`` for both trees (this one also with ``--scan``), next to transformers'
+``generate`` in a cold process (loading the same weights from safetensors). The baseline
+tree is ``git archive``d from the repository, so nothing of this checkout changes. The
+workers use only APIs both trees share.
 """
 
 from __future__ import annotations
@@ -174,6 +178,14 @@ def worker(model_dir: str) -> dict[str, float]:
 
     generation("yoro", YoroDecoder(model), (frozen, trainable))
     generation("full", LlamaDecoder(cfg), frozen)
+    if (tree / "yoro_jax" / "decoders.py").is_file():
+        from yoro_jax import decoders
+
+        if hasattr(decoders, "unscanned"):  # the layout generation uses by default
+            loose = decoders.unscanned((frozen, trainable))
+            generation("yoro_unscanned", YoroDecoder(model), loose)
+            generation("full_unscanned", LlamaDecoder(cfg), loose[0])
+            del loose
 
     # ---- one lm-eval scoring shape (full model)
     ctx = jnp.asarray(rng.randint(10, cfg.vocab_size, (4, 64)), jnp.int32)
@@ -228,7 +240,7 @@ def run_worker(tree: Path, model_dir: Path) -> dict[str, float]:
     return json.loads(line[len("RESULT ") :])
 
 
-def cold_first_token(tree: Path, model_dir: Path) -> float:
+def cold_first_token(tree: Path, model_dir: Path, extra: list[str] = ()) -> float:
     """Wall time of a cold ``python -m yoro_jax.generate ... --max-new-tokens 1``."""
     cmd = [
         sys.executable,
@@ -241,6 +253,7 @@ def cold_first_token(tree: Path, model_dir: Path) -> float:
         PROMPT,
         "--max-new-tokens",
         "1",
+        *extra,
     ]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=tree, env=clean_env(tree), check=True, capture_output=True)
@@ -290,13 +303,22 @@ def export_hf(model_dir: Path, out: Path) -> Path:
     return out
 
 
+# (program, its key in this tree, the baseline's key for the same program)
 ROWS = [
-    ("YORO train step (exact, stored features)", "train_step"),
-    ("YORO prefill", "yoro_prefill"),
-    ("YORO decode loop", "yoro_decode"),
-    ("full-model decode loop", "full_decode"),
-    ("lm-eval scoring shape", "scoring"),
+    ("YORO train step (exact, stored features)", "train_step", "train_step"),
+    ("YORO prefill", "yoro_prefill", "yoro_prefill"),
+    ("YORO decode loop", "yoro_decode", "yoro_decode"),
+    ("full-model decode loop", "full_decode", "full_decode"),
+    ("lm-eval scoring shape", "scoring", "scoring"),
 ]
+# generation with unscanned layers (``decoders.unscanned``, the generate CLI's default)
+UNSCANNED_ROWS = [
+    ("YORO prefill, unscanned", "yoro_unscanned_prefill", "yoro_prefill"),
+    ("YORO decode loop, unscanned", "yoro_unscanned_decode", "yoro_decode"),
+    ("full-model decode loop, unscanned", "full_unscanned_decode", "full_decode"),
+]
+# what the tools run: train step and scoring on the stack, generation unscanned
+DEFAULT_ROWS = [ROWS[0], *UNSCANNED_ROWS, ROWS[4]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,23 +348,25 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_cold:
             hf_dir = export_hf(model_dir, Path(tmp) / "hf")
             cold = {
-                "scan": cold_first_token(REPO, model_dir),
+                "this_tree": cold_first_token(REPO, model_dir),
+                "this_tree_scan": cold_first_token(REPO, model_dir, ["--scan"]),
                 "unrolled": cold_first_token(old_tree, model_dir),
                 "transformers": cold_transformers(hf_dir),
             }
 
     scan, old = results["scan"], results["unrolled"]
     rows = []
-    for label, key in ROWS:
-        c_old, c_new = old[f"{key}_compile_s"], scan[f"{key}_compile_s"]
+    for label, key, old_key in ROWS + [r for r in UNSCANNED_ROWS if f"{r[1]}_compile_s" in scan]:
+        c_old, c_new = old[f"{old_key}_compile_s"], scan[f"{key}_compile_s"]
         rows.append(
             [
                 label,
                 f"{c_old:.2f}",
                 f"{c_new:.2f}",
                 f"{c_old / c_new:.2f}x",
-                f"{old[f'{key}_steady_s'] * 1e3:.1f}",
+                f"{old[f'{old_key}_steady_s'] * 1e3:.1f}",
                 f"{scan[f'{key}_steady_s'] * 1e3:.1f}",
+                f"{old[f'{old_key}_steady_s'] / scan[f'{key}_steady_s']:.2f}",
             ]
         )
     print(
@@ -350,25 +374,37 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "program",
                 "compile unrolled (s)",
-                "compile scan (s)",
-                "speed-up",
+                "compile this tree (s)",
+                "compile speed-up",
                 "run unrolled (ms)",
-                "run scan (ms)",
+                "run this tree (ms)",
+                "run speed ratio",
             ],
             rows,
         )
     )
     print()
-    tps = [
-        [
-            name,
-            f"{old[f'{name}_decode_tokens_per_s']:.1f}",
-            f"{scan[f'{name}_decode_tokens_per_s']:.1f}",
-            f"{scan[f'{name}_decode_tokens_per_s'] / old[f'{name}_decode_tokens_per_s']:.2f}",
-        ]
-        for name in ("full", "yoro")
-    ]
-    print(markdown_table(["decode bs 1", "unrolled tok/s", "scan tok/s", "scan / unrolled"], tps))
+    layouts = [("full", "full"), ("yoro", "yoro")]
+    if "full_unscanned_decode_tokens_per_s" in scan:
+        layouts += [("full_unscanned", "full"), ("yoro_unscanned", "yoro")]
+    tps = {
+        name: scan[f"{name}_decode_tokens_per_s"] / old[f"{old_name}_decode_tokens_per_s"]
+        for name, old_name in layouts
+    }
+    print(
+        markdown_table(
+            ["decode bs 1", "unrolled tok/s", "this tree tok/s", "ratio"],
+            [
+                [
+                    name,
+                    f"{old[f'{old_name}_decode_tokens_per_s']:.1f}",
+                    f"{scan[f'{name}_decode_tokens_per_s']:.1f}",
+                    f"{tps[name]:.2f}",
+                ]
+                for name, old_name in layouts
+            ],
+        )
+    )
     if cold:
         print()
         print(
@@ -378,22 +414,26 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-    total_old = sum(old[f"{k}_compile_s"] for _, k in ROWS)
-    total_new = sum(scan[f"{k}_compile_s"] for _, k in ROWS)
-    decode_ratio = scan["full_decode_tokens_per_s"] / old["full_decode_tokens_per_s"]
-    yoro_ratio = scan["yoro_decode_tokens_per_s"] / old["yoro_decode_tokens_per_s"]
+    def total_speedup(rows):
+        return sum(old[f"{o}_compile_s"] for _, _, o in rows) / sum(
+            scan[f"{k}_compile_s"] for _, k, _ in rows
+        )
+
     step_ratio = old["train_step_steady_s"] / scan["train_step_steady_s"]
     line = (
-        f"result: compile_speedup={total_old / total_new:.2f} "
+        f"result: compile_speedup={total_speedup(ROWS):.2f} "
         f"train_compile_speedup={old['train_step_compile_s'] / scan['train_step_compile_s']:.2f} "
-        f"decode_ratio={decode_ratio:.2f} yoro_decode_ratio={yoro_ratio:.2f} "
+        f"decode_ratio={tps['full']:.2f} yoro_decode_ratio={tps['yoro']:.2f} "
         f"train_step_ratio={step_ratio:.2f}"
     )
-    if cold:
+    if "full_unscanned" in tps:
         line += (
-            f" first_token_s_scan={cold['scan']:.1f} first_token_s_unrolled="
-            f"{cold['unrolled']:.1f} first_token_s_transformers={cold['transformers']:.1f}"
+            f" default_compile_speedup={total_speedup(DEFAULT_ROWS):.2f}"
+            f" unscanned_decode_ratio={tps['full_unscanned']:.2f}"
+            f" unscanned_yoro_decode_ratio={tps['yoro_unscanned']:.2f}"
         )
+    if cold:
+        line += " " + " ".join(f"first_token_s_{k}={v:.1f}" for k, v in cold.items())
     print(line)
     return 0
 

@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import params_from_hf, random_batch, tiny_hf_model
 from yoro_jax import llama
 from yoro_jax.batch import left_pad
+from yoro_jax.decoders import unscanned
 from yoro_jax.generate import LlamaDecoder, advance, bucket, generate_tokens, step
 from yoro_jax.sampling import SamplingConfig, sample_tokens
 
@@ -20,9 +21,15 @@ def tiny():
     return cfg, params, LlamaDecoder(cfg)
 
 
-def test_cached_decode_equals_full_recomputation(tiny):
-    """Prefill + step-by-step decode logits == one full forward pass, left-padded batch."""
+@pytest.mark.parametrize("layout", ["stacked", "unscanned"])
+def test_cached_decode_equals_full_recomputation(tiny, layout):
+    """Prefill + step-by-step decode logits == one full forward pass, left-padded batch,
+    with the layers stacked (one scan) or unscanned (a loop, per-layer caches)."""
     cfg, params, decoder = tiny
+    forward_params = params
+    if layout == "unscanned":
+        params = unscanned(params)
+        assert llama.is_unscanned(params["layers"])
     rng = np.random.RandomState(0)
     lengths, width, steps = [16, 5, 11], 16, 12
     prompt, valid = random_batch(rng, lengths, cfg.vocab_size, width)
@@ -49,8 +56,10 @@ def test_cached_decode_equals_full_recomputation(tiny):
 
     full_tokens = np.concatenate([prompt, continuation], axis=1)
     full_valid = np.concatenate([valid, np.ones_like(continuation, bool)], axis=1)
-    full = np.asarray(llama.forward(cfg, params, full_tokens, full_valid))
+    full = np.asarray(llama.forward(cfg, forward_params, full_tokens, full_valid))
     np.testing.assert_allclose(cached, full[:, width - 1 : width + steps - 1], atol=1e-5)
+    if layout == "unscanned":  # one buffer per layer: a tuple of per-layer caches
+        assert isinstance(caches, tuple) and len(caches) == cfg.num_hidden_layers
 
 
 _jit_forward = jax.jit(llama.forward, static_argnums=0)

@@ -12,7 +12,7 @@ from yoro_jax import llama
 from yoro_jax.batch import prompt_response_layout
 from yoro_jax.checkpoint import CheckpointError, Model, load_yoro, save_yoro
 from yoro_jax.config import ConfigError
-from yoro_jax.decoders import YoroDecoder
+from yoro_jax.decoders import YoroDecoder, unscanned
 from yoro_jax.generate import generate_tokens
 from yoro_jax.yoro import (
     Yoro,
@@ -102,6 +102,36 @@ def test_cached_generation_equals_teacher_forcing(tiny_base, split):
 def test_variant_cached_generation_equals_teacher_forcing(tiny_base, variant):
     model, frozen, trainable = make_yoro(tiny_base, VARIANTS[variant])
     check_core_invariant(model, frozen, perturb(trainable, jax.random.key(5)))
+
+
+@pytest.mark.parametrize(
+    "ycfg, keep",
+    [
+        (SPLITS["reference"], None),
+        (VARIANTS["exact (preset)"], None),
+        (SPLITS["reference"], (1, 0)),  # a reasoning layer skipped: the gated loop
+    ],
+    ids=["reference", "exact", "gated"],
+)
+def test_unscanned_layers_decode_like_the_stack(tiny_base, ycfg, keep):
+    """Generation from unscanned params (a tuple of layers, per-layer caches) gives the
+    stacked layout's tokens and logits: the layout changes speed, not results."""
+    model, frozen, trainable = make_yoro(tiny_base, ycfg)
+    trainable = perturb(trainable, jax.random.key(5))
+    decoder = YoroDecoder(model, keep_layers=keep)
+    rng = np.random.RandomState(3)
+    prompts = [list(rng.randint(3, 256, n)) for n in (7, 12)]
+    stacked, loose = (frozen, trainable), unscanned((frozen, trainable))
+    assert llama.is_unscanned(loose[0]["layers"]) and llama.is_unscanned(loose[1]["compensation"])
+    opts = dict(max_new_tokens=12, eos_ids=[], pad_id=0)
+    expected = [c.tokens for c in generate_tokens(decoder, stacked, prompts, **opts)]
+    assert [c.tokens for c in generate_tokens(decoder, loose, prompts, **opts)] == expected
+    forced = np.asarray(expected, np.int32)
+    np.testing.assert_allclose(
+        cached_logits(decoder, loose, prompts, forced, width=16),
+        cached_logits(decoder, stacked, prompts, forced, width=16),
+        atol=1e-5,
+    )
 
 
 def test_exact_residual_nets_at_step_0_skip_the_middle_layers_exactly(tiny_base):

@@ -62,8 +62,9 @@ class LlamaDecoder:
     cfg: LlamaConfig
     dtype: Any = jnp.float32
 
-    def init_caches(self, batch: int, length: int) -> Any:
-        return llama.init_cache(self.cfg, self.cfg.num_hidden_layers, batch, length, self.dtype)
+    def init_caches(self, params: Params, batch: int, length: int) -> Any:
+        """Empty caches in the layout of ``params["layers"]`` (stacked or unscanned)."""
+        return llama.init_cache_like(self.cfg, params["layers"], batch, length, self.dtype)
 
     def run(self, params: Params, x, rope, mask, caches, slot):
         """All N layers over x at slots [slot, slot+T) -> (hidden, caches)."""
@@ -71,7 +72,7 @@ class LlamaDecoder:
 
     def prefill(self, params: Params, tokens, valid, kv_valid):
         cfg, (batch, prompt_len) = self.cfg, tokens.shape
-        caches = self.init_caches(batch, kv_valid.shape[1])
+        caches = self.init_caches(params, batch, kv_valid.shape[1])
         x = llama.embed_tokens(params, tokens, self.dtype)
         rope = llama.rope_tables(cfg, llama.positions_from_valid(valid))
         mask = llama.attention_mask(kv_valid, 0, prompt_len)
@@ -103,9 +104,9 @@ class RecordingDecoder(LlamaDecoder):
 
     depths: tuple[int, ...] = ()
 
-    def init_caches(self, batch: int, length: int) -> Any:
+    def init_caches(self, params: Params, batch: int, length: int) -> Any:
         states = jnp.zeros((batch, len(self.depths), length, self.cfg.hidden_size), self.dtype)
-        return {"layers": super().init_caches(batch, length), "states": states}
+        return {"layers": super().init_caches(params, batch, length), "states": states}
 
     def run(self, params: Params, x, rope, mask, caches, slot):
         h, layers, inputs = llama.run_layers(
@@ -125,7 +126,8 @@ class RecordingDecoder(LlamaDecoder):
 
 def take_rows(caches: Any, rows: jax.Array) -> Any:
     """Rows ``rows`` [N] of a decoder's caches: stacked K/V (the only rank-5 leaves,
-    ``[L, B, S, KVH, Dh]``) along axis 1, per-row leaves ``[B, ...]`` along axis 0."""
+    ``[L, B, S, KVH, Dh]``) along axis 1, per-row leaves ``[B, ...]`` (unscanned K/V
+    included) along axis 0."""
     return jax.tree.map(lambda a: jnp.take(a, rows, axis=1 if a.ndim == 5 else 0), caches)
 
 
@@ -160,7 +162,10 @@ class YoroDecoder:
         prompt_mask = llama.attention_mask(valid, 0, prompt_len)
 
         x = llama.embed_tokens(frozen, tokens, m.dtype)
-        embedding_cache = llama.init_cache(cfg, m.ycfg.embedding_layers, batch, length, m.dtype)
+        unscanned = llama.is_unscanned(frozen["layers"])
+        embedding_cache = llama.init_cache(
+            cfg, m.ycfg.embedding_layers, batch, length, m.dtype, unscanned
+        )
         e, embedding_cache = llama.run_layers(
             cfg, frozen["layers"], x, rope, cached_mask, embedding_cache, 0, span=m.embedding_span
         )
@@ -170,11 +175,12 @@ class YoroDecoder:
             caches = m.exact_caches(frozen, trainable, states, rope, length)
         else:
             empty = {
-                name: llama.init_cache(cfg, count, batch, length, m.dtype)
-                for name, count in (
-                    ("compensation", m.ycfg.compensation_layers),
-                    ("coherence", m.ycfg.coherence_layers),
-                )
+                "compensation": llama.init_cache_like(
+                    cfg, trainable["compensation"], batch, length, m.dtype
+                ),
+                "coherence": llama.init_cache(
+                    cfg, m.ycfg.coherence_layers, batch, length, m.dtype, unscanned
+                ),
             }
             _, _, caches = m.yoro_path(frozen, trainable, e, r, rope, cached_mask, empty, 0)
         caches["embedding"] = embedding_cache
@@ -207,11 +213,30 @@ class YoroDecoder:
         return caches["reasoning_layers"]
 
 
-def make_decoders(model: Any, yoro_path: str | None, compare: bool) -> dict[str, tuple]:
-    """label -> (decoder, params, decoder layers run per generated token)."""
+def unscanned(params: Any) -> Any:
+    """A decoder's params with every layer stack unscanned (:func:`llama.unscan`): full-model
+    params, or YORO's ``(frozen, trainable)``. Made once, outside jit, for generation: it
+    is ~1.5x (full model) to ~3x (YORO) faster per token on CPU than the stack
+    (docs/DESIGN.md §8), at the cost of compiling one body per layer. Pass the result to
+    every decoder that shares it (the weights are copied)."""
+    if isinstance(params, tuple):
+        frozen, trainable = params
+        return llama.unscan_params(frozen), trainable | {
+            "compensation": llama.unscan(trainable["compensation"])
+        }
+    return llama.unscan_params(params)
+
+
+def make_decoders(
+    model: Any, yoro_path: str | None, compare: bool, unscan: bool = True
+) -> dict[str, tuple]:
+    """label -> (decoder, params, decoder layers run per generated token). ``unscan``:
+    hold the layers as :func:`unscanned` (generation) rather than stacked (scoring, where
+    compile time counts more than per-token speed)."""
     dtype = model.params["embed"].dtype
     cfg = model.config
-    full = (LlamaDecoder(cfg, dtype), model.params, cfg.num_hidden_layers)
+    frozen = unscanned(model.params) if unscan else model.params
+    full = (LlamaDecoder(cfg, dtype), frozen, cfg.num_hidden_layers)
     if yoro_path is None:
         return {"full": full}
     from yoro_jax.checkpoint import load_yoro
@@ -219,5 +244,7 @@ def make_decoders(model: Any, yoro_path: str | None, compare: bool) -> dict[str,
     ycfg, trainable, _ = load_yoro(yoro_path, base=model)
     yoro = Yoro(cfg, ycfg, dtype)
     layers = ycfg.embedding_layers + ycfg.compensation_layers + ycfg.coherence_layers
-    entry = (YoroDecoder(yoro), (model.params, trainable), layers)
+    if unscan:
+        trainable = trainable | {"compensation": llama.unscan(trainable["compensation"])}
+    entry = (YoroDecoder(yoro), (frozen, trainable), layers)
     return {"full": full, "yoro": entry} if compare else {"yoro": entry}

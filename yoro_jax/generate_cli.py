@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     parser.add_argument("--no-stream", action="store_true", help="print only when finished")
+    parser.add_argument(
+        "--scan",
+        action="store_true",
+        help="keep the layers stacked under lax.scan: compiles ~3x faster, but decodes "
+        "~1.5x (full model) to ~3x (YORO) slower on CPU (docs/DESIGN.md §8)",
+    )
     parser.add_argument(
         "--yoro", default=None, help="trained YORO nets (a directory from training) to decode with"
     )
@@ -76,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             args.model = recorded_base(args.yoro)
         model = load_model(args.model, dtype=args.dtype)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-        decoders = make_decoders(model, args.yoro, args.compare)
+        decoders = make_decoders(model, args.yoro, args.compare, unscan=not args.scan)
+        if not args.scan:  # the decoders hold their own copy: let the stack go
+            model = dataclasses.replace(model, params=None)
     except (CheckpointError, ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,12 @@ A block of layers is a slice of the stack along the leading axis, and runs as on
 ``lax.scan`` over it: a program traces one layer body per block, whatever its depth
 (docs/DESIGN.md §8). Caches are stacked the same way, ``{"k", "v"}: [L, B, S, KVH, Dh]``.
 
+For decoding, the same layers can be held *unscanned* (:func:`unscan`): a tuple of per-layer
+pytrees, run as a Python loop, with a tuple of per-layer caches. XLA:CPU copies a layer's
+slice of a stack before its matmuls, which costs a decode step more than the layer's own
+work; separate buffers are read in place (and each cache is updated in place). Every
+function here takes either layout; caches follow the layout of the layers.
+
 Layers run on a *slot* layout: a batch is ``[B, S]`` slots, ``kv_valid[b, s]`` says which
 slots hold real tokens (left padding and not-yet-generated slots are invalid), and each
 row has its own rotary positions counted from its first real token. With a KV cache the
@@ -41,9 +47,13 @@ import numpy as np
 from yoro_jax.config import LlamaConfig
 
 Params = dict[str, Any]
-Layers = Params  # decoder layers stacked along a leading axis: every leaf [L, ...]
+# Decoder layers stacked along a leading axis (every leaf [L, ...]), or unscanned: a tuple
+# of L per-layer pytrees (:func:`unscan`).
+Layers = Params | tuple[Params, ...]
 LayerCache = dict[str, jax.Array]  # one layer's {"k": [B, S, KVH, Dh], "v": [B, S, KVH, Dh]}
-Caches = dict[str, jax.Array]  # a block's caches, stacked: {"k": [L, B, S, KVH, Dh], "v"}
+# A block's caches: stacked {"k": [L, B, S, KVH, Dh], "v"}, or a tuple of L LayerCaches
+# (unscanned layers).
+Caches = dict[str, jax.Array] | tuple[LayerCache, ...]
 Rope = tuple[jax.Array, jax.Array]  # (cos, sin), each [B, T, Dh] float32
 
 # HF Llama initialises every linear layer with N(0, initializer_range=0.02).
@@ -197,15 +207,37 @@ class DecoderLayer(nn.Module):
 
 
 # ----------------------------------------------------------------- stacked layer helpers
+def is_unscanned(layers: Layers) -> bool:
+    """Whether ``layers`` is a tuple of per-layer pytrees rather than a stack."""
+    return isinstance(layers, (tuple, list))
+
+
 def num_layers(layers: Layers) -> int:
-    """How many layers a stack holds (its leading axis)."""
+    """How many layers a block holds (a stack's leading axis, or the tuple's length)."""
+    if is_unscanned(layers):
+        return len(layers)
     leaves = jax.tree.leaves(layers)
     return int(leaves[0].shape[0]) if leaves else 0
 
 
 def slice_layers(layers: Layers, start: int, stop: int) -> Layers:
-    """Layers ``[start, stop)`` of a stack (a block of the base model)."""
+    """Layers ``[start, stop)`` of a block (a block of the base model), in its layout."""
+    if is_unscanned(layers):
+        return tuple(layers[start:stop])
     return jax.tree.map(lambda a: a[start:stop], layers)
+
+
+def unscan(layers: Layers) -> tuple[Params, ...]:
+    """A stack -> a tuple of per-layer pytrees, each leaf its own buffer (a copy, made once,
+    outside jit): the layout decoding runs fastest in on CPU (module docstring)."""
+    if is_unscanned(layers):
+        return tuple(layers)
+    return tuple(unstack_layers(layers))
+
+
+def unscan_params(params: Params) -> Params:
+    """``params`` with its ``"layers"`` stack unscanned (:func:`unscan`); the rest shared."""
+    return params | {"layers": unscan(params["layers"])}
 
 
 def stack_layers(layers: Sequence[Params]) -> Layers:
@@ -214,7 +246,7 @@ def stack_layers(layers: Sequence[Params]) -> Layers:
 
 
 def unstack_layers(layers: Layers) -> list[Params]:
-    """A stack -> a list of per-layer pytrees (views of one layer each)."""
+    """A stack -> a list of per-layer pytrees (outside jit, each slice is its own buffer)."""
     return [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers(layers))]
 
 
@@ -267,7 +299,10 @@ def scan_unroll(length: int) -> int | bool:
 
 
 def layer_at(layers: Layers, index: jax.Array | int) -> Params:
-    """Layer ``index`` of a stack (a dynamic index inside a scan: no copy of the stack)."""
+    """Layer ``index`` of a block (a dynamic index inside a scan: no copy of the stack; a
+    Python int for unscanned layers)."""
+    if is_unscanned(layers):
+        return layers[index]
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), layers)
 
 
@@ -300,12 +335,32 @@ def run_layers(
         out, cache = apply_layer(cfg, layer, h, rope, mask, cache, slot)
         return out, (cache, h if collect else None)
 
+    if is_unscanned(layers):
+        return _run_unscanned(cfg, layers, x, rope, mask, caches, slot, remat, collect, span)
     if remat:
         body = jax.checkpoint(body)
     xs = layers if span is None else jnp.arange(*span)
     length = num_layers(layers) if span is None else span[1] - span[0]
     h, (new_caches, inputs) = jax.lax.scan(body, x, (xs, caches), unroll=scan_unroll(length))
     return (h, new_caches, inputs) if collect else (h, new_caches)
+
+
+def _run_unscanned(cfg, layers, x, rope, mask, caches, slot, remat, collect, span):
+    """:func:`run_layers` over a tuple of layers: a Python loop, caches a tuple too."""
+    block = layers if span is None else layers[span[0] : span[1]]
+    layer_fn = functools.partial(apply_layer, cfg)
+    if remat:
+        layer_fn = jax.checkpoint(layer_fn)
+    h, new_caches, inputs = x, [], []
+    for i, layer in enumerate(block):
+        inputs.append(h)
+        h, cache = layer_fn(layer, h, rope, mask, None if caches is None else caches[i], slot)
+        new_caches.append(cache)
+    out_caches = None if caches is None else tuple(new_caches)
+    if not collect:
+        return h, out_caches
+    states = jnp.stack(inputs) if inputs else jnp.zeros((0, *x.shape), x.dtype)
+    return h, out_caches, states
 
 
 def layer_kv(cfg: LlamaConfig, layer: Params, x: jax.Array, rope: Rope) -> LayerCache:
@@ -340,11 +395,28 @@ def head(cfg: LlamaConfig, params: Params, x: jax.Array) -> jax.Array:
 
 
 def init_cache(
-    cfg: LlamaConfig, count: int, batch: int, length: int, dtype: Any = jnp.float32
+    cfg: LlamaConfig,
+    count: int,
+    batch: int,
+    length: int,
+    dtype: Any = jnp.float32,
+    unscanned: bool = False,
 ) -> Caches:
-    """Empty caches of ``length`` slots for a block of ``count`` layers."""
-    shape = (count, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    """Empty caches of ``length`` slots for a block of ``count`` layers (stacked, or a tuple
+    of per-layer caches for unscanned layers)."""
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    if unscanned:
+        return tuple(
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(count)
+        )
+    return {"k": jnp.zeros((count, *shape), dtype), "v": jnp.zeros((count, *shape), dtype)}
+
+
+def init_cache_like(
+    cfg: LlamaConfig, layers: Layers, batch: int, length: int, dtype: Any = jnp.float32
+) -> Caches:
+    """Empty caches for the block ``layers``, in its layout."""
+    return init_cache(cfg, num_layers(layers), batch, length, dtype, is_unscanned(layers))
 
 
 def hidden_states(

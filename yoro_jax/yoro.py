@@ -268,8 +268,13 @@ def _block_kv(
 ) -> llama.Caches:
     """Caches of ``length`` slots for a block whose layer l sees input states
     ``states[l]`` [B, P, d] at the first P slots: the K/V each layer computes from them."""
+    slots = [(0, length - states.shape[2])]
+    if llama.is_unscanned(layers):
+        pad = [(0, 0), *slots, (0, 0), (0, 0)]
+        kvs = [llama.layer_kv(cfg, layer, x, rope) for layer, x in zip(layers, states, strict=True)]
+        return tuple({name: jnp.pad(a, pad) for name, a in kv.items()} for kv in kvs)
     kv = jax.vmap(llama.layer_kv, in_axes=(None, 0, 0, None))(cfg, layers, states, rope)
-    pad = [(0, 0), (0, 0), (0, length - states.shape[2]), (0, 0), (0, 0)]
+    pad = [(0, 0), (0, 0), *slots, (0, 0), (0, 0)]
     return {name: jnp.pad(a, pad) for name, a in kv.items()}
 
 
@@ -376,6 +381,12 @@ class Yoro:
                 out = g * run(h) + (1 - g) * h
             return out, h if collect else None
 
+        if llama.is_unscanned(stack):  # the same body as a Python loop over static indices
+            inputs = []
+            for index, g in zip(range(*span), gates, strict=True):
+                h, h_in = body(h, (index, g))
+                inputs.append(h_in)
+            return h, jnp.stack(inputs) if collect and inputs else None
         unroll = llama.scan_unroll(span[1] - span[0])
         return jax.lax.scan(body, h, (jnp.arange(*span), gates), unroll=unroll)
 

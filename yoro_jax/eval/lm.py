@@ -139,7 +139,8 @@ class YoroJaxLM(TemplateLM):
         self.seed = int(seed)
         self.reasoning_layers_per_prompt: list[int] = []
         self.eos_ids, self.pad_id = special_ids(cfg, self.tokenizer)
-        decoders = make_decoders(self.base, nets, compare=True)  # {"full"[, "yoro"]}
+        # stacked layers: scoring dominates here, and compiles ~3x faster on a scan
+        decoders = make_decoders(self.base, nets, compare=True, unscan=False)
         self.decoder, params, self.layers_per_token = decoders[mode]
         self.nets = nets
         self.mesh = make_mesh(parse_mesh(mesh)) if mesh else None
