@@ -262,6 +262,22 @@ def test_generate_until_stops_at_stop_strings_and_matches_generate(tiny):
     assert cut == free[0][: free[0].index(stop)]
 
 
+def test_speculative_mode_generates_and_scores_like_the_full_model(tiny):
+    """mode=speculative: the full model's greedy text (YORO drafting, k = 2) and the full
+    model's log-likelihoods; the per-run numbers land in the model info."""
+    model, _, root = tiny
+    args = dict(model=str(root / "model"), yoro=str(root / "nets"), batch_size=4)
+    full = YoroJaxLM(mode="full", **args)
+    spec = YoroJaxLM(mode="speculative", speculative_k=2, **args)
+    prompts = ["Once upon a time", "Hello", "abc", "The end", "x"]
+    reqs = requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in prompts])
+    assert spec.generate_until(reqs, True) == full.generate_until(reqs, True)
+    info = spec.get_model_info()["speculative"]
+    assert info["k"] == 2 and info["verify_passes"] > 0 and 1 <= info["tokens_per_verify"] <= 3
+    pairs = requests("loglikelihood", [("Hello", " world"), ("abc", "def")])
+    assert spec.loglikelihood(pairs, True) == full.loglikelihood(pairs, True)
+
+
 def test_chat_template_renders_like_the_tokenizer(tiny):
     _, _, root = tiny
     lm = YoroJaxLM(model=str(root / "model"))
@@ -276,6 +292,12 @@ def test_bad_model_args_fail_clearly(tiny, tmp_path):
         YoroJaxLM(model=str(root / "model"), mode="fast")
     with pytest.raises(ValueError, match="mode=yoro needs yoro=NETS"):
         YoroJaxLM(model=str(root / "model"), mode="yoro")
+    with pytest.raises(ValueError, match="mode=speculative needs yoro=NETS"):
+        YoroJaxLM(model=str(root / "model"), mode="speculative")
+    with pytest.raises(ValueError, match="speculative_k must be a positive integer"):
+        YoroJaxLM(
+            model=str(root / "model"), yoro=str(root / "nets"), mode="speculative", speculative_k=0
+        )
     with pytest.raises(ValueError, match="no trained YORO nets"):
         YoroJaxLM(model=str(root / "model"), yoro=str(tmp_path))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):

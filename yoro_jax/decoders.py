@@ -215,36 +215,13 @@ class YoroDecoder:
 
 def unscanned(params: Any) -> Any:
     """A decoder's params with every layer stack unscanned (:func:`llama.unscan`): full-model
-    params, or YORO's ``(frozen, trainable)``. Made once, outside jit, for generation: it
-    is ~1.5x (full model) to ~3x (YORO) faster per token on CPU than the stack
-    (docs/DESIGN.md §8), at the cost of compiling one body per layer. Pass the result to
-    every decoder that shares it (the weights are copied)."""
+    params, or YORO's ``(frozen, trainable)``. Made once, outside jit, for generation: on
+    CPU it decodes ~10% (full model) to ~35% (YORO) faster than the stack (docs/DESIGN.md
+    §8), at the cost of compiling one body per layer. Pass the result to every decoder
+    that shares it (the weights are copied)."""
     if isinstance(params, tuple):
         frozen, trainable = params
         return llama.unscan_params(frozen), trainable | {
             "compensation": llama.unscan(trainable["compensation"])
         }
     return llama.unscan_params(params)
-
-
-def make_decoders(
-    model: Any, yoro_path: str | None, compare: bool, unscan: bool = True
-) -> dict[str, tuple]:
-    """label -> (decoder, params, decoder layers run per generated token). ``unscan``:
-    hold the layers as :func:`unscanned` (generation) rather than stacked (scoring, where
-    compile time counts more than per-token speed)."""
-    dtype = model.params["embed"].dtype
-    cfg = model.config
-    frozen = unscanned(model.params) if unscan else model.params
-    full = (LlamaDecoder(cfg, dtype), frozen, cfg.num_hidden_layers)
-    if yoro_path is None:
-        return {"full": full}
-    from yoro_jax.checkpoint import load_yoro
-
-    ycfg, trainable, _ = load_yoro(yoro_path, base=model)
-    yoro = Yoro(cfg, ycfg, dtype)
-    layers = ycfg.embedding_layers + ycfg.compensation_layers + ycfg.coherence_layers
-    if unscan:
-        trainable = trainable | {"compensation": llama.unscan(trainable["compensation"])}
-    entry = (YoroDecoder(yoro), (frozen, trainable), layers)
-    return {"full": full, "yoro": entry} if compare else {"yoro": entry}

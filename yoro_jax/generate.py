@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from yoro_jax import speculative
 from yoro_jax.batch import left_pad
 from yoro_jax.config import LlamaConfig
 
@@ -192,6 +193,7 @@ def generate_tokens(
     chunk: int | None = None,
     record_top_k: int = 0,
     mesh: Any = None,
+    stats: dict[str, Any] | None = None,
 ) -> list[Completion]:
     """Generate for a batch of token prompts of any lengths.
 
@@ -201,7 +203,16 @@ def generate_tokens(
     top-k token ids and log-probs at every generated position (teacher data). With a
     ``mesh`` (:mod:`yoro_jax.sharding`) the batch is split over its devices; shard
     ``params`` with :func:`~yoro_jax.sharding.shard_params` first.
+
+    A :class:`~yoro_jax.speculative.SpeculativeDecoder` runs its own on-device loop under
+    the same driver; ``stats`` (a dict) then receives its per-call numbers (verify passes,
+    tokens kept per pass, acceptance rate).
     """
+    engine_start, engine_advance = (
+        (speculative.start, speculative.advance)
+        if isinstance(decoder, speculative.SpeculativeDecoder)
+        else (start, advance)
+    )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -216,7 +227,7 @@ def generate_tokens(
     tokens, valid = shard_batch((tokens, valid), mesh)
     out_len = bucket(max_new_tokens)
     statics = {"sampling": sampling, "eos_ids": eos, "pad_id": pad_id, "record_top_k": record_top_k}
-    state = start(
+    state = engine_start(
         decoder,
         params,
         tokens,
@@ -231,7 +242,8 @@ def generate_tokens(
     batch = len(prompts)
     stopped_at: dict[int, tuple[int, str]] = {}  # row -> (n tokens, text)
     while True:
-        n_out, done = int(state["n_out"]), np.asarray(state["done"])
+        # a speculative cycle can pass max_new_tokens: the rest is cut here
+        n_out, done = min(int(state["n_out"]), max_new_tokens), np.asarray(state["done"])
         out = np.asarray(state["out"][:, :n_out])
         if stop:
             for row in range(batch):
@@ -248,10 +260,12 @@ def generate_tokens(
         finished = done | np.isin(np.arange(batch), list(stopped_at))
         if n_out >= max_new_tokens or finished.all():
             break
-        state = advance(decoder, params, state, n_steps=chunk, **statics)
+        state = engine_advance(decoder, params, state, n_steps=chunk, **statics)
     completions = [
         _completion(out[row], eos, stopped_at.get(row), tokenizer) for row in range(batch)
     ]
+    if stats is not None and "stats" in state:
+        stats.update(speculative.summarise(state["stats"], decoder.k))
     layers = decoder.reasoning_layers(state["caches"])
     if layers is not None:
         for completion, count in zip(completions, np.asarray(layers).tolist(), strict=True):

@@ -8,9 +8,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from yoro_jax.decoders import make_decoders
 from yoro_jax.generate import encode_prompt, generate_tokens, special_ids
+from yoro_jax.models import make_decoders
 from yoro_jax.sampling import SamplingConfig
+from yoro_jax.speculative import DEFAULT_K
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scan",
         action="store_true",
-        help="keep the layers stacked under lax.scan: compiles ~3x faster, but decodes "
-        "~1.5x (full model) to ~3x (YORO) slower on CPU (docs/DESIGN.md §8)",
+        help="keep the layers stacked under lax.scan: compiles the full model ~3x faster, "
+        "but decodes ~10%% (full model) to ~35%% (YORO) slower on CPU (docs/DESIGN.md §8)",
     )
     parser.add_argument(
         "--yoro", default=None, help="trained YORO nets (a directory from training) to decode with"
     )
     parser.add_argument(
         "--compare", action="store_true", help="with --yoro: print full-model and YORO answers"
+    )
+    parser.add_argument(
+        "--speculative",
+        type=int,
+        nargs="?",
+        const=DEFAULT_K,
+        default=None,
+        metavar="K",
+        help="with --yoro: the full model's exact output, YORO drafting K tokens per verify "
+        f"pass (default K: {DEFAULT_K}; docs/DESIGN.md §7)",
     )
     return parser
 
@@ -70,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     from yoro_jax.config import ConfigError
 
     args = build_parser().parse_args(argv)
-    if args.compare and not args.yoro:
-        print("error: --compare needs --yoro", file=sys.stderr)
+    for flag, given in (("--compare", args.compare), ("--speculative", args.speculative)):
+        if given is not None and given is not False and not args.yoro:
+            print(f"error: {flag} needs --yoro (the trained nets that draft)", file=sys.stderr)
+            return 2
+    if args.speculative is not None and args.speculative < 1:
+        print(f"error: --speculative K needs K >= 1, got {args.speculative}", file=sys.stderr)
         return 2
     if args.model is None and args.yoro is None:
         print("error: give --model DIR (or --yoro RUN/export to use its base)", file=sys.stderr)
@@ -83,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             args.model = recorded_base(args.yoro)
         model = load_model(args.model, dtype=args.dtype)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-        decoders = make_decoders(model, args.yoro, args.compare, unscan=not args.scan)
+        decoders = make_decoders(
+            model, args.yoro, args.compare, unscan=not args.scan, speculative=args.speculative
+        )
         if not args.scan:  # the decoders hold their own copy: let the stack go
             model = dataclasses.replace(model, params=None)
     except (CheckpointError, ConfigError, ValueError) as err:
@@ -97,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     stream = len(prompts) == 1 and len(decoders) == 1 and not args.no_stream
     answers = {}
     for label, (decoder, params, layers) in decoders.items():
-        print(f"[{label}: {layers} decoder layers per generated token]", file=sys.stderr)
+        per = layers if isinstance(layers, str) else f"{layers} decoder layers per generated token"
+        print(f"[{label}: {per}]", file=sys.stderr)
+        stats: dict[str, Any] = {}
         answers[label] = generate_tokens(
             decoder,
             params,
@@ -110,7 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=model.tokenizer,
             stop=args.stop,
             on_update=stream_printer(model.tokenizer) if stream else None,
+            stats=stats,
         )
+        if stats:
+            print(
+                f"[{label}: {stats['tokens_per_verify']:.2f} tokens per verify pass, "
+                f"{stats['acceptance_rate']:.0%} of drafts accepted, "
+                f"{stats['verify_passes']} passes]",
+                file=sys.stderr,
+            )
         needed = [c.reasoning_layers for c in answers[label] if c.reasoning_layers is not None]
         if needed and label != "full":
             print(f"[{label}: reasoning layers run per prompt: {needed}]", file=sys.stderr)

@@ -29,14 +29,14 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from yoro_jax.checkpoint import Model
-from yoro_jax.decoders import make_decoders
 from yoro_jax.eval.scoring import score_pairs
 from yoro_jax.generate import generate_tokens, special_ids
-from yoro_jax.models import resolve_model
+from yoro_jax.models import make_decoders, resolve_model
 from yoro_jax.sampling import SamplingConfig
 from yoro_jax.sharding import MeshConfig, make_mesh, shard_params
+from yoro_jax.speculative import DEFAULT_K
 
-MODES = ("full", "yoro")
+MODES = ("full", "yoro", "speculative")
 DEFAULT_MAX_GEN_TOKS = 256
 
 
@@ -97,9 +97,14 @@ def load_base(model: str | None, nets: Path | None, dtype: str | None) -> Model:
 
 @register_model("yoro-jax")
 class YoroJaxLM(TemplateLM):
-    """model_args: ``model``, ``yoro``, ``mode`` (full|yoro), ``batch_size``, ``max_length``,
-    ``max_gen_toks``, ``dtype`` (float32|bfloat16), ``add_bos_token``, ``seed``, ``mesh``
-    (``DATAxFSDP``, e.g. ``4x2``: requests split over devices, weights FSDP-sharded)."""
+    """model_args: ``model``, ``yoro``, ``mode`` (full|yoro|speculative), ``speculative_k``,
+    ``batch_size``, ``max_length``, ``max_gen_toks``, ``dtype`` (float32|bfloat16),
+    ``add_bos_token``, ``seed``, ``mesh`` (``DATAxFSDP``, e.g. ``4x2``: requests split over
+    devices, weights FSDP-sharded).
+
+    ``mode=speculative`` generates the full model's exact output with YORO drafting
+    ``speculative_k`` tokens per verify pass (docs/DESIGN.md §7); its log-likelihoods are
+    the full model's (what the speculative output is drawn from)."""
 
     def __init__(
         self,
@@ -113,6 +118,7 @@ class YoroJaxLM(TemplateLM):
         add_bos_token: bool | str = False,
         seed: int | str = 0,
         mesh: str | None = None,
+        speculative_k: int | str = DEFAULT_K,
         **unused: Any,  # lm-eval passes device / max_batch_size to every backend
     ) -> None:
         super().__init__()
@@ -121,8 +127,8 @@ class YoroJaxLM(TemplateLM):
         mode = mode or ("yoro" if yoro else "full")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "yoro" and yoro is None:
-            raise ValueError("mode=yoro needs yoro=NETS (a training run or exported nets)")
+        if mode in ("yoro", "speculative") and yoro is None:
+            raise ValueError(f"mode={mode} needs yoro=NETS (a training run or exported nets)")
         nets = resolve_nets(yoro) if yoro else None
         self.base = load_base(model, nets, dtype)
         if self.base.tokenizer is None:
@@ -140,11 +146,19 @@ class YoroJaxLM(TemplateLM):
         self.reasoning_layers_per_prompt: list[int] = []
         self.eos_ids, self.pad_id = special_ids(cfg, self.tokenizer)
         # stacked layers: scoring dominates here, and compiles ~3x faster on a scan
-        decoders = make_decoders(self.base, nets, compare=True, unscan=False)
+        k = _positive_int("speculative_k", speculative_k) if mode == "speculative" else None
+        decoders = make_decoders(self.base, nets, compare=True, unscan=False, speculative=k)
         self.decoder, params, self.layers_per_token = decoders[mode]
+        self.speculative_stats: dict[str, float] = {"verify_passes": 0, "tokens_kept": 0}
         self.nets = nets
         self.mesh = make_mesh(parse_mesh(mesh)) if mesh else None
         self.params: Any = shard_params(params, self.mesh)
+        # scoring: the speculative output is the full model's, so are its log-likelihoods
+        self.score_decoder, self.score_params = (
+            (self.decoder.full, self.params[0])
+            if mode == "speculative"
+            else (self.decoder, self.params)
+        )
 
     # ------------------------------------------------------------------ tokenisation
     @property
@@ -215,8 +229,8 @@ class YoroJaxLM(TemplateLM):
             total=len(pairs), disable=disable_tqdm, desc=f"loglikelihood ({self.mode})"
         ) as bar:
             results = score_pairs(
-                self.decoder,
-                self.params,
+                self.score_decoder,
+                self.score_params,
                 pairs,
                 batch_size=self.batch_size,
                 pad_id=self.pad_id,
@@ -287,6 +301,7 @@ class YoroJaxLM(TemplateLM):
                 batch = order[start : start + self.batch_size]
                 rows = [prompts[i] for i in batch]
                 rows += [rows[0]] * (self.batch_size - len(rows))  # one compiled batch shape
+                stats: dict[str, Any] = {}
                 completions = generate_tokens(
                     self.decoder,
                     self.params,
@@ -299,7 +314,13 @@ class YoroJaxLM(TemplateLM):
                     tokenizer=self.tokenizer,
                     stop=until,
                     mesh=self.mesh,
+                    stats=stats,
                 )
+                if stats:
+                    self.speculative_stats["verify_passes"] += stats["verify_passes"]
+                    self.speculative_stats["tokens_kept"] += (
+                        stats["tokens_per_verify"] * stats["verify_passes"]
+                    )
                 for i, completion in zip(batch, completions, strict=False):
                     if completion.reasoning_layers is not None:
                         self.reasoning_layers_per_prompt.append(completion.reasoning_layers)
@@ -330,4 +351,16 @@ class YoroJaxLM(TemplateLM):
             "mode": self.mode,
             "yoro_nets": str(self.nets) if self.nets else None,
             "decoder_layers_per_generated_token": self.layers_per_token,
+            "speculative": self.speculative_summary(),
+        }
+
+    def speculative_summary(self) -> dict[str, float] | None:
+        """Verify passes and tokens kept per pass over every generate_until call so far."""
+        passes = self.speculative_stats["verify_passes"]
+        if self.mode != "speculative" or not passes:
+            return None
+        return {
+            "k": self.decoder.k,
+            "verify_passes": int(passes),
+            "tokens_per_verify": self.speculative_stats["tokens_kept"] / passes,
         }
