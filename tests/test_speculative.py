@@ -84,17 +84,22 @@ def test_a_perfect_draft_keeps_every_proposal(tiny_base, layout):
 
 
 def test_batched_rows_accepting_differently_give_their_single_prompt_results(tiny_base):
-    """One row with a perfect draft (long prompt repeats) and rows without: each row of
-    the batch equals that prompt alone; the batch keeps the fewest any row accepted."""
-    ycfg, _ = DRAFTS["exact"]
-    spec, params = make_spec(tiny_base, ycfg, k=4, noise=0)  # the step-0 floor: agrees often
+    """Rows of a batch keep different numbers of proposals per pass (each its own slot):
+    each row's tokens and acceptance equal that prompt's alone."""
+    spec, params = make_spec(tiny_base, EXACT, k=4, noise=0)  # the step-0 floor: agrees often
     prompts = prompts_of((5, 14, 9, 2), seed=4)
     opts = dict(max_new_tokens=24, eos_ids=[], pad_id=0)
     stats = {}
     batch = [c.tokens for c in generate_tokens(spec, params, prompts, stats=stats, **opts)]
-    alone = [generate_tokens(spec, params, [p], **opts)[0].tokens for p in prompts]
+    alone, alone_stats = [], []
+    for prompt in prompts:
+        alone_stats.append({})
+        alone += [generate_tokens(spec, params, [prompt], stats=alone_stats[-1], **opts)[0].tokens]
     assert batch == alone == full_greedy(tiny_base, prompts, **opts)
-    assert stats["row_tokens_per_verify"] >= stats["tokens_per_verify"]
+    assert len({st["verify_passes"] for st in alone_stats}) > 1  # rows really differ
+    assert stats["row_passes"] == sum(st["verify_passes"] for st in alone_stats)
+    assert stats["proposals_kept"] == sum(st["proposals_kept"] for st in alone_stats)
+    assert stats["verify_passes"] == max(st["verify_passes"] for st in alone_stats)
 
 
 def test_eos_and_stop_strings_behave_as_in_normal_generation(tiny_base):

@@ -29,8 +29,10 @@ function here takes either layout; caches follow the layout of the layers.
 Layers run on a *slot* layout: a batch is ``[B, S]`` slots, ``kv_valid[b, s]`` says which
 slots hold real tokens (left padding and not-yet-generated slots are invalid), and each
 row has its own rotary positions counted from its first real token. With a KV cache the
-new tokens are written at slots ``[slot, slot + T)``; without one the layer attends over
-the ``T`` tokens it is given. The cache is kept at KV-head size (no GQA repeat).
+new tokens are written at slots ``[slot, slot + T)`` (one ``slot`` for the batch, or one
+per row: speculative decoding, where rows advance by different counts); without one the
+layer attends over the ``T`` tokens it is given. The cache is kept at KV-head size (no GQA
+repeat).
 """
 
 from __future__ import annotations
@@ -105,11 +107,23 @@ def positions_from_valid(valid: jax.Array) -> jax.Array:
 
 
 def attention_mask(kv_valid: jax.Array, q_start: jax.Array | int, q_len: int) -> jax.Array:
-    """[B, T, S] bool: query at slot q_start+t may see key slot s iff s is valid and s <= it."""
+    """[B, T, S] bool: query at slot q_start+t may see key slot s iff s is valid and s <= it.
+    ``q_start``: one slot for the batch, or one per row [B] (speculative decoding)."""
     key_slots = jnp.arange(kv_valid.shape[-1])
-    query_slots = q_start + jnp.arange(q_len)
-    causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
-    return kv_valid[:, None, :] & causal[None]
+    query_slots = jnp.asarray(q_start)[..., None] + jnp.arange(q_len)  # [T] or [B, T]
+    causal = key_slots <= query_slots[..., None]  # [T, S] or [B, T, S]
+    return kv_valid[:, None, :] & causal
+
+
+def write_slots(cache: jax.Array, new: jax.Array, slot: jax.Array | int) -> jax.Array:
+    """``cache`` [B, S, ...] with slots ``[slot, slot+T)`` set to ``new`` [B, T, ...]; one
+    ``slot`` for the batch, or one per row [B]."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(slot) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, slot, axis=1)
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))(
+        cache, new, slot
+    )
 
 
 # ------------------------------------------------------------------------------ modules
@@ -155,9 +169,7 @@ class Attention(nn.Module):
         k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk), rope)  # [B, T, KVH, Dh]
         v = jnp.einsum("btd,dhk->bthk", x, wv)
         if cache is not None:
-            start = (0, slot, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            k, v = write_slots(cache["k"], k, slot), write_slots(cache["v"], v, slot)
             cache = {"k": k, "v": v}
             k, v = k.astype(dtype), v.astype(dtype)
 

@@ -8,11 +8,11 @@ a proposal d with draft probability q(d) is accepted with probability min(1, p(d
 else the token is resampled from normalise(max(0, p - q)): the full model's distribution,
 exactly (Leviathan et al., 2023; Chen et al., 2023).
 
-Batches: rows can accept different numbers of proposals; every row keeps the *fewest* any
-unfinished row accepted (plus its own next token), so all rows stay at one cache slot and
-shapes stay static. Kept tokens are still the full model's, so the output is unchanged;
-what the policy costs is acceptance, and ``stats`` reports it (``row_accepted`` vs
-``accepted``).
+Batches: rows accept different numbers of proposals, so every row has its own cache slot,
+position and output count (``slot``, ``position``, ``row_n_out`` [B]); K/V writes and
+causal masks take a slot per row (:func:`yoro_jax.llama.write_slots`). Shapes stay static:
+a cycle computes k + 1 slots for every row and each row keeps its own prefix. A row that is
+done (EOS, stop string) or has its tokens stops advancing while the others go on.
 
 Caches are shared by layer where the two paths compute the same thing. With the exact
 prompt context (``prompt_context: exact``, no router) the draft's embedding and coherence
@@ -77,37 +77,44 @@ class SpeculativeDecoder:
 
 
 # ------------------------------------------------------------------ caches by window
+def _slice_slots(a: jax.Array, slot, width: int, axis: int) -> jax.Array:
+    """Slots ``[slot, slot+width)`` along ``axis`` (the batch axis is the one before it);
+    ``slot`` one for the batch or one per row [B]."""
+    if jnp.ndim(slot) == 0:
+        return jax.lax.dynamic_slice_in_dim(a, slot, width, axis=axis)
+    return jax.vmap(
+        lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, width, axis=axis - 1),
+        in_axes=(axis - 1, 0),
+        out_axes=axis - 1,
+    )(a, slot)
+
+
 def _window(caches: llama.Caches, start: int, count: int, slot, width: int) -> llama.Caches:
-    """K/V of layers ``[start, start+count)`` at slots ``[slot, slot+width)``, stacked
-    ``{"k": [count, B, width, KVH, Dh], ...}``, from a block's caches of either layout."""
+    """K/V of layers ``[start, start+count)`` at each row's slots ``[slot, slot+width)``,
+    stacked ``{"k": [count, B, width, KVH, Dh], ...}``, from a block's caches of either
+    layout."""
     if llama.is_unscanned(caches):
         layers = caches[start : start + count]
         return {
-            name: jnp.stack(
-                [jax.lax.dynamic_slice_in_dim(c[name], slot, width, axis=1) for c in layers]
-            )
+            name: jnp.stack([_slice_slots(c[name], slot, width, axis=1) for c in layers])
             for name in ("k", "v")
         }
     return {
-        name: jax.lax.dynamic_slice_in_dim(
-            jax.lax.dynamic_slice_in_dim(a, slot, width, axis=2), start, count, axis=0
-        )
+        name: _slice_slots(a[start : start + count], slot, width, axis=2)
         for name, a in caches.items()
     }
 
 
 def _write(caches: llama.Caches, kv: llama.Caches, slot) -> llama.Caches:
-    """``caches`` with slots ``[slot, slot+T)`` of every layer set to ``kv`` [L, B, T, ...]."""
+    """``caches`` with each row's slots ``[slot, slot+T)`` of every layer set to ``kv``
+    [L, B, T, ...]."""
     if llama.is_unscanned(caches):
         return tuple(
-            {
-                name: jax.lax.dynamic_update_slice_in_dim(c[name], kv[name][i], slot, axis=1)
-                for name in ("k", "v")
-            }
+            {name: llama.write_slots(c[name], kv[name][i], slot) for name in ("k", "v")}
             for i, c in enumerate(caches)
         )
     return {
-        name: jax.lax.dynamic_update_slice_in_dim(a, kv[name].astype(a.dtype), slot, axis=2)
+        name: jax.vmap(llama.write_slots, in_axes=(0, 0, None))(a, kv[name], slot)
         for name, a in caches.items()
     }
 
@@ -223,15 +230,15 @@ def start(
         "kv_valid": kv_valid,
         "token": first,
         "position": valid.sum(axis=-1).astype(jnp.int32),
-        "slot": jnp.int32(prompt_len),
+        "slot": jnp.full((batch,), prompt_len, jnp.int32),
         "done": jnp.isin(first, jnp.asarray(eos_ids, jnp.int32)),
         "out": jnp.full((batch, out_len + spec.k + 1), pad_id, jnp.int32).at[:, 0].set(first),
-        "n_out": jnp.int32(1),
+        "row_n_out": jnp.ones((batch,), jnp.int32),
+        "n_out": jnp.int32(1),  # the fewest tokens out of any unfinished row (the driver's)
         "limit": jnp.asarray(limit, jnp.int32),
         "key": key,
-        # per call: verify passes, proposals kept (the batch's), proposals each row's own
-        # test accepted (summed over unfinished rows), unfinished row-cycles
-        "stats": {"cycles": zero, "accepted": zero, "row_accepted": zero, "row_cycles": zero},
+        # per call: verify passes, proposals kept and row-passes (summed over active rows)
+        "stats": {"cycles": zero, "accepted": zero, "row_cycles": zero},
     }
 
 
@@ -282,20 +289,25 @@ def advance(
     spec, k = decoder, decoder.k
     eos = jnp.asarray(eos_ids, jnp.int32)
     target_out = state["n_out"] + n_steps
+    offsets = jnp.arange(k + 1, dtype=jnp.int32)
+
+    def active(s):  # rows still generating
+        return ~s["done"] & (s["row_n_out"] < s["limit"])
 
     def cond(s):
-        return (s["n_out"] < jnp.minimum(target_out, s["limit"])) & ~jnp.all(s["done"])
+        return (s["n_out"] < jnp.minimum(target_out, s["limit"])) & jnp.any(active(s))
 
     def body(s):
         slot, position, kv_valid = s["slot"], s["position"], s["kv_valid"]
-        key = jax.random.fold_in(s["key"], s["n_out"])
+        slots = jnp.arange(kv_valid.shape[1])
+        rel = slots[None] - slot[:, None]  # [B, S]: slot offsets from each row's token
+        key = jax.random.fold_in(s["key"], s["stats"]["cycles"] + 1)  # 0: the first token
         draft_keys = jax.random.split(jax.random.fold_in(key, 1), k)
         caches = s["caches"]
         draft_caches, token = caches["draft"], s["token"]
         drafts, draft_probs = [], []
-        step_valid = kv_valid
         for j in range(k):  # k draft steps, unrolled (k is small and static)
-            step_valid = step_valid.at[:, slot + j].set(True)
+            step_valid = kv_valid | ((rel >= 0) & (rel <= j))
             logits, draft_caches = step(
                 spec.draft,
                 params,
@@ -311,9 +323,7 @@ def advance(
                 draft_probs.append(_probs(logits, sampling))
         drafts = jnp.stack(drafts, axis=1)  # [B, k]
         proposals = jnp.concatenate([s["token"][:, None], drafts], axis=1)  # [B, k+1]
-        window = jnp.ones((kv_valid.shape[0], k + 1), bool)
-        verify_valid = jax.lax.dynamic_update_slice_in_dim(kv_valid, window, slot, axis=1)
-        offsets = jnp.arange(k + 1, dtype=jnp.int32)
+        verify_valid = kv_valid | ((rel >= 0) & (rel <= k))
         hidden, full_caches, tail, rope = _verify(
             spec, params, caches["full"], proposals, position[:, None] + offsets, verify_valid, slot
         )
@@ -325,27 +335,27 @@ def advance(
             logits,
             sampling,
         )
-        row_kept = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1)  # [B] each row's own
-        live = ~s["done"]
-        kept = jnp.min(jnp.where(live, row_kept, k))  # the batch's (module docstring)
-        # the tokens out this cycle: proposals 1..kept, then the emitted token at kept
-        tokens_out = jnp.where(offsets[: k + 1] < kept, jnp.pad(drafts, ((0, 0), (0, 1))), 0)
-        bonus = jnp.take_along_axis(emit, jnp.broadcast_to(kept, (emit.shape[0], 1)), axis=1)
-        tokens_out = jnp.where(offsets == kept, bonus, tokens_out)
-        in_cycle = offsets <= kept
+        live = active(s)
+        kept = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1)  # [B] proposals each row keeps
+        bonus = jnp.take_along_axis(emit, kept[:, None], axis=1)[:, 0]  # the full model's
+        # this cycle's tokens per row: proposals 1..kept, then the full model's at kept
+        tokens_out = jnp.where(offsets < kept[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), 0)
+        tokens_out = jnp.where(offsets == kept[:, None], bonus[:, None], tokens_out)
+        in_cycle = offsets <= kept[:, None]
         is_eos = jnp.isin(tokens_out, eos) & in_cycle
         after_eos = jnp.cumsum(is_eos, axis=1) - is_eos > 0  # strictly after a row's EOS
-        tokens_out = jnp.where(s["done"][:, None] | after_eos | ~in_cycle, pad_id, tokens_out)
-        out = jax.lax.dynamic_update_slice_in_dim(s["out"], tokens_out, s["n_out"], axis=1)
+        tokens_out = jnp.where(~live[:, None] | after_eos | ~in_cycle, pad_id, tokens_out)
+        out = jax.vmap(lambda o, t, n: jax.lax.dynamic_update_slice_in_dim(o, t, n, axis=0))(
+            s["out"], tokens_out, s["row_n_out"]
+        )
 
-        n_kept = kept + 1
-        slots = jnp.arange(kv_valid.shape[1])
-        new_valid = verify_valid & (slots < slot + n_kept)[None]  # roll back the rest
+        n_kept = jnp.where(live, kept + 1, 0)  # inactive rows stay where they are
+        new_valid = kv_valid | ((rel >= 0) & (rel < n_kept[:, None]))  # the rest rolls back
         if spec.shares_caches:
             draft_caches = _refresh_draft(
                 spec, params, draft_caches, full_caches, tail, rope, slot, k + 1
             )
-        else:  # all k kept: the last proposal's entry is not in the draft's caches yet
+        else:  # rows that kept all k: the last proposal is not in the draft's caches yet
 
             def feed_last(c):
                 return spec.draft.extend(
@@ -353,28 +363,32 @@ def advance(
                     c,
                     drafts[:, -1:],
                     (position + k)[:, None],
-                    new_valid,
+                    new_valid | (rel == k),
                     slot + k,
                 )[1]
 
-            draft_caches = jax.lax.cond(kept == k, feed_last, lambda c: c, draft_caches)
+            draft_caches = jax.lax.cond(jnp.any(kept == k), feed_last, lambda c: c, draft_caches)
+        row_n_out = s["row_n_out"] + n_kept
+        done = s["done"] | jnp.any(is_eos & live[:, None], axis=1)
+        unfinished = ~done & (row_n_out < s["limit"])
+        n_out = jnp.min(jnp.where(unfinished, row_n_out, jnp.max(row_n_out)))
         stats = s["stats"]
         stats = {
             "cycles": stats["cycles"] + 1,
-            "accepted": stats["accepted"] + kept,
-            "row_accepted": stats["row_accepted"] + jnp.sum(jnp.where(live, row_kept, 0)),
+            "accepted": stats["accepted"] + jnp.sum(jnp.where(live, kept, 0)),
             "row_cycles": stats["row_cycles"] + jnp.sum(live),
         }
         return dict(
             s,
             caches={"full": full_caches, "draft": draft_caches},
             kv_valid=new_valid,
-            token=bonus[:, 0],
+            token=jnp.where(live, bonus, s["token"]),
             position=position + n_kept,
             slot=slot + n_kept,
-            done=s["done"] | jnp.any(is_eos, axis=1),
+            done=done,
             out=out,
-            n_out=s["n_out"] + n_kept,
+            row_n_out=row_n_out,
+            n_out=n_out,
             stats=stats,
         )
 
@@ -382,13 +396,13 @@ def advance(
 
 
 def summarise(stats: dict[str, Any], k: int) -> dict[str, float]:
-    """Per-call numbers from a state's ``stats``: tokens kept per verify pass, the
-    acceptance rate of proposals, and what each row alone would have accepted."""
-    cycles = max(int(stats["cycles"]), 1)
+    """Per-call numbers from a state's ``stats``: verify passes, tokens kept per pass and
+    row (proposals kept + the full model's own), and the acceptance rate of proposals."""
     row_cycles = max(int(stats["row_cycles"]), 1)
     return {
         "verify_passes": int(stats["cycles"]),
-        "tokens_per_verify": 1 + int(stats["accepted"]) / cycles,
-        "acceptance_rate": int(stats["accepted"]) / (k * cycles),
-        "row_tokens_per_verify": 1 + int(stats["row_accepted"]) / row_cycles,
+        "row_passes": int(stats["row_cycles"]),  # verify passes summed over active rows
+        "proposals_kept": int(stats["accepted"]),
+        "tokens_per_verify": 1 + int(stats["accepted"]) / row_cycles,
+        "acceptance_rate": int(stats["accepted"]) / (k * row_cycles),
     }
