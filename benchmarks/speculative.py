@@ -6,9 +6,10 @@ Greedy chat answers to the 8 benchmark prompts (never in any training set), laye
 unscanned (the generation default), one process:
 
 1. per-step costs at batch 1: a full decode step, a YORO draft step and a verify pass over
-   T = k + 1 tokens (jitted, best of 20), relative to the full step;
-2. for each k at batch 1 (and the default k and the best k at batch 8): tokens/s of the
-   full model, YORO and speculative decoding, tokens kept per verify pass (tau), the
+   T = k + 1 tokens (all N layers and the LM head; jitted, best of 20), relative to the
+   full step;
+2. for each k at batch 1 (and ``--ks-batched``, the default and the best k at batch 8):
+   tokens/s of the full model, YORO and speculative decoding, tokens kept per verify pass (tau), the
    per-token acceptance alpha that explains tau ((1 - alpha^(k+1)) / (1 - alpha) = tau),
    the cost model of docs/DESIGN.md §7 (speed-up = tau / (k c_draft + c_verify(k+1)))
    next to the measured speed-up, and the alpha the 1.5x goal would need at that k;
@@ -85,7 +86,12 @@ def step_costs(cfg, frozen, yoro_params, model, prompt, ks, repeats=20):
         "full": timed(decode, frozen, full_caches, one, position, valid1, 64),
         "draft": timed(drafting, yoro_params, draft_caches, one, position, valid1, 64),
     }
-    extend = jax.jit(full.extend)
+
+    @jax.jit
+    def extend(params, caches, tokens, positions, kv_valid, slot):  # a verify pass: + head
+        hidden, caches = full.extend(params, caches, tokens, positions, kv_valid, slot)
+        return full.head(params, hidden), caches
+
     for k in ks:
         t = k + 1
         valid_t = kv_valid.at[:, 64 : 64 + t].set(True)
@@ -143,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--yoro", default="runs/smollm2-cpu/export", help="trained nets")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 6])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--ks-batched", type=int, nargs="+", default=[1, 4], help="k at batch > 1 (+ best k)"
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         yoro_s = best_of(lambda rows=rows: run(YoroDecoder(model), rows), args.repeats)
         yoro_tps = sum(map(len, yoro_tokens)) / yoro_s
         full_tps = n_tokens / full_s
-        ks = args.ks if batch == 1 else sorted({DEFAULT_K, best_k})
+        ks = args.ks if batch == 1 else sorted({DEFAULT_K, best_k, *args.ks_batched})
         measured = {}
         for k in ks:
             spec = SpeculativeDecoder(YoroDecoder(model), k=k)

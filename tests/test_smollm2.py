@@ -155,6 +155,37 @@ def test_generate_cli_compares_full_and_yoro(smollm2, smollm2_dir, smollm2_yoro,
     assert "[full: 30 decoder layers per generated token]" in captured.err
 
 
+def test_speculative_greedy_output_is_the_full_models(smollm2, chat_ids):
+    """A draft that skips 2 of the 26 reasoning layers (exact context, compensation layers
+    copied from the other 24): it agrees often, so cycles keep different numbers of
+    proposals per row. Output == the full model's greedy output; where float32 summation
+    order (a k+1-token verify pass vs one-token steps) flips an argmax, the first
+    difference must be a top-2 tie under the full model (gap <= 1e-4)."""
+    from yoro_jax.decoders import YoroDecoder
+    from yoro_jax.speculative import SpeculativeDecoder
+    from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
+
+    cfg = smollm2.config
+    ycfg = YoroConfig.preset("exact", compensation_layers=24)
+    trainable = init_trainable(ycfg, cfg, jax.random.key(0), smollm2.params)
+    spec = SpeculativeDecoder(YoroDecoder(Yoro(cfg, ycfg)), k=3)
+    eos, pad = special_ids(cfg, smollm2.tokenizer)
+    opts = dict(max_new_tokens=24, eos_ids=eos, pad_id=pad)
+    stats = {}
+    drafted = generate_tokens(spec, (smollm2.params, trainable), chat_ids, stats=stats, **opts)
+    full = generate_tokens(LlamaDecoder(cfg), smollm2.params, chat_ids, **opts)
+    assert 1.5 < stats["tokens_per_verify"] < 4  # proposals kept, and not all of them
+    forward = jax.jit(llama.forward, static_argnums=0)
+    for prompt, a, b in zip(chat_ids, full, drafted, strict=True):
+        if a.tokens == b.tokens:
+            continue
+        i = next(j for j, (x, y) in enumerate(zip(a.tokens, b.tokens, strict=False)) if x != y)
+        seq = np.asarray([prompt + a.tokens[:i]], np.int32)
+        logits = np.asarray(forward(cfg, smollm2.params, seq, np.ones_like(seq, bool)))[0, -1]
+        gap = logits.max() - logits[b.tokens[i]]
+        assert gap <= 1e-4, f"token {i}: the speculative choice is {gap:.2e} below the top"
+
+
 def test_torch_free_gguf_tokenizer_equals_transformers(smollm2_gguf):
     """The main install has no torch, and transformers' GGUF tokenizer loading needs it:
     conversion then builds the tokenizer itself (gguf metadata + transformers' converter).

@@ -42,7 +42,10 @@ from yoro_jax import llama
 from yoro_jax.decoders import LlamaDecoder, YoroDecoder, step
 from yoro_jax.sampling import SamplingConfig, filtered_logits, sample_tokens
 
-DEFAULT_K = 4  # drafts per verify pass (docs/RESULTS.md: the acceptance-vs-k measurement)
+# Drafts per verify pass. The acceptance-vs-k measurement on SmolLM2 with the main job's
+# nets (docs/RESULTS.md, issue 16): alpha ~0.2 per token, where k = 1 is fastest; larger k
+# pays only at alpha >= ~0.9 on CPU (a verify pass of k + 1 tokens costs more than a step).
+DEFAULT_K = 1
 
 
 @dataclasses.dataclass(frozen=True)
