@@ -67,6 +67,7 @@ SLOW_TESTS = {
     "test_speculative_sampling_keeps_the_full_models_distribution",
     "test_generate_cli_speculative_prints_the_full_models_answer",
     "test_speculative_mode_generates_and_scores_like_the_full_model",
+    "test_generate_cli_checks_its_input_before_any_allocation",
 }
 FAST_KEEP = {
     "test_cached_generation_equals_teacher_forcing[lean]",
@@ -256,12 +257,21 @@ def assert_greedy_choices(logits, tokens, margin: float = 1e-4) -> None:
 
 
 def kill_then_resume(
-    source_run: Path, tmp_path: Path, overrides: list[str], kill_after: int, resumed_from: int
+    source_run: Path,
+    tmp_path: Path,
+    overrides: list[str],
+    kill_after: int,
+    resumed_from: int,
+    signal_env: str | None = None,
+    returncode: int = -9,
+    stopped_says: str = "",
 ) -> tuple[dict, Path]:
     """Train ``overrides`` on the smoke config uninterrupted, and again in a subprocess
-    SIGKILLed right after optimizer step ``kill_after`` and rerun (which must resume from
-    the step-``resumed_from`` checkpoint). Both reuse ``source_run``'s teacher data.
-    Returns (the uninterrupted run's result, the killed-and-resumed run dir)."""
+    SIGKILLed right after optimizer step ``kill_after`` (or sent the signal of
+    ``signal_env``, exiting with ``returncode`` and printing ``stopped_says``) and rerun
+    (which must resume from the step-``resumed_from`` checkpoint). Both reuse
+    ``source_run``'s teacher data. Returns (the uninterrupted run's result, the killed-and-
+    resumed run dir)."""
     import subprocess
     import sys
 
@@ -274,11 +284,12 @@ def kill_then_resume(
     command = [sys.executable, "-m", "train", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]
     for item in overrides:
         command += ["--set", item]
-    env = {**os.environ, KILL_ENV: str(kill_after)}
+    env = {**os.environ, signal_env or KILL_ENV: str(kill_after)}
     killed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert killed.returncode == returncode, killed.stderr[-2000:]
     assert not (run_dir / "export").exists()
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"from step {resumed_from}" in resumed.stderr
+    assert stopped_says in killed.stderr, killed.stderr[-2000:]
     return reference, run_dir

@@ -292,6 +292,8 @@ def test_bad_model_args_fail_clearly(tiny, tmp_path):
         YoroJaxLM(model=str(root / "model"), mode="fast")
     with pytest.raises(ValueError, match="mode=yoro needs yoro=NETS"):
         YoroJaxLM(model=str(root / "model"), mode="yoro")
+    with pytest.raises(ValueError, match="unknown model_args mdoe, yorro; this backend takes"):
+        YoroJaxLM(model=str(root / "model"), yorro="x", mdoe="yoro", device="cpu")
     with pytest.raises(ValueError, match="mode=speculative needs yoro=NETS"):
         YoroJaxLM(model=str(root / "model"), mode="speculative")
     with pytest.raises(ValueError, match="speculative_k must be a positive integer"):

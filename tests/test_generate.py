@@ -218,3 +218,29 @@ def test_recorded_top_k_matches_full_forward(tiny):
         expected = np.take_along_axis(logprobs, completion.top_ids, axis=-1)
         np.testing.assert_allclose(completion.top_logprobs, expected, atol=1e-5)
         assert (np.argsort(-logprobs, axis=-1)[:, :4] == completion.top_ids).all()
+
+
+def test_generate_cli_checks_its_input_before_any_allocation(tmp_path, capsys):
+    """Bad arguments fail before the model loads; a prompt past the model's context fails
+    after tokenising and before any cache exists: one ``error:`` line, exit 2."""
+    from train.tiny import tiny_random_model
+    from yoro_jax.checkpoint import write_model_dir
+    from yoro_jax.generate_cli import main
+
+    model = tiny_random_model(seed=3, num_layers=2)
+    write_model_dir(
+        tmp_path / "model", model.config, model.params, model.tokenizer.save_pretrained, "tiny"
+    )
+    missing = str(tmp_path / "nothing-here")  # never loaded: the checks come first
+    for args, message in [
+        (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--prompt", "  "], "--prompt is empty"),
+        (["--prompt", "hi", "--speculative", "0", "--yoro", missing], "needs K >= 1"),
+    ]:
+        assert main(["--model", missing, *args]) == 2
+        assert message in capsys.readouterr().err
+    context = model.config.max_position_embeddings
+    long = "a" * context
+    assert main(["--model", str(tmp_path / "model"), "--prompt", long]) == 2
+    err = capsys.readouterr().err
+    assert f"passes the model's context of {context} tokens" in err

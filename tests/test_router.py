@@ -416,3 +416,7 @@ def test_killed_run_resumes_bitwise_equal(tmp_path, stage1):
 
     for key in ("loss", "baseline", "active_layers"):
         assert final(run_dir)[key] == final(tmp_path / "straight")[key], key
+    # the killed run's rows after its checkpoint were dropped on resume, not repeated
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["split"]) for r in rows]
+    assert len(logged) == len(set(logged)) and (3, "train") in logged

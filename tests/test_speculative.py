@@ -212,8 +212,9 @@ def test_generate_cli_speculative_prints_the_full_models_answer(tmp_path, capsys
     )
     ycfg = dataclasses.replace(EXACT, embedding_layers=1)
     trainable = init_trainable(ycfg, model.config, jax.random.key(1), model.params)
-    save_yoro(tmp_path / "nets", ycfg, trainable, tmp_path / "model", fingerprint)
-    args = ["--yoro", str(tmp_path / "nets"), "--prompt", "Hello", "--max-new-tokens", "10"]
+    save_yoro(tmp_path / "run" / "export", ycfg, trainable, tmp_path / "model", fingerprint)
+    # a training run dir stands for its export/, as in lm-eval
+    args = ["--yoro", str(tmp_path / "run"), "--prompt", "Hello", "--max-new-tokens", "10"]
     assert main([*args, "--speculative", "2", "--compare", "--no-stream"]) == 0
     captured = capsys.readouterr()
     full = captured.out.split("[full] ")[1].split("\n")[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ from train.step import loss_sums
 from train.teacher_data import generate_teacher_data
 from train.trainer import NonFiniteLoss, Trainer
 from yoro_jax import llama
-from yoro_jax.checkpoint import load_yoro
+from yoro_jax.checkpoint import CheckpointError, load_yoro
 from yoro_jax.config import ConfigError
 from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
 
@@ -153,6 +154,8 @@ def test_garbage_in_masked_slots_does_not_change_the_loss(tiny):
         (["model=3"], "model: expected a mapping, got 3"),
         (["optim.lr"], "expected path.to.field=value"),
         (["yoro.embedding_layers=-1"], "yoro.embedding_layers must be an integer >= 0"),
+        (["optim.lr=.nan"], "optim.lr: must be a finite number, got nan"),
+        (["loss.soft_temperature=.inf"], "loss.soft_temperature: must be a finite number"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, overrides, message):
@@ -183,6 +186,35 @@ def test_split_that_leaves_no_reasoning_layer_is_rejected(tmp_path):
     cfg = smoke_config(tmp_path / "run", "yoro.embedding_layers=3", "yoro.coherence_layers=3")
     with pytest.raises(ConfigError, match="leaves no reasoning layer"):
         prepare_run(cfg)
+    # the failed run did not claim the dir: a corrected config is not refused as "different"
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    from train.prepare import _check_resumable
+
+    _check_resumable(smoke_config(tmp_path / "run"), tmp_path / "run")
+
+
+def test_a_run_dir_is_locked_while_a_process_trains_in_it(tmp_path):
+    """A second trainer on a run dir is refused, naming the holder; the lock dies with
+    its process (no stale lock)."""
+    from train.__main__ import main as train_main
+    from train.lock import RunDirLocked, lock_run_dir
+
+    run_dir = tmp_path / "run"
+    code = "import sys, time; from train.lock import lock_run_dir; lock_run_dir(sys.argv[1]); "
+    code += "print('locked', flush=True); time.sleep(120)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirLocked, match=f"in use by pid {holder.pid} on "):
+            lock_run_dir(run_dir)
+        assert train_main(["--config", str(SMOKE), "--set", f"run_dir={run_dir}"]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    lock_run_dir(run_dir)  # the dead holder left nothing behind
+    assert f"pid {os.getpid()} on " in (run_dir / ".lock").read_text()
 
 
 # --------------------------------------------------------------------------- prompt data
@@ -402,3 +434,101 @@ def test_keeping_the_logits_gives_the_recomputed_loss_and_gradients(tiny):
     np.testing.assert_allclose(kept, remat, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(kept_grads), jax.tree.leaves(remat_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_metrics_log_rewinds_to_the_resumed_checkpoint(tmp_path):
+    from train.metrics import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path)
+    for step in (0, 1, 2, 3):
+        log.write(step, "train", {"loss": float(step)})
+    log.rewind(2)  # resumed from the step-2 checkpoint: step 3 will be logged again
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    log.rewind(0)  # no checkpoint: the run starts over and logs step 0 again
+    assert read_metrics(tmp_path) == []
+    log.close()
+
+
+def _damage(step_dir, how):
+    state = step_dir / "state"
+    if how == "truncated":  # the largest data file cut in half
+        biggest = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    else:
+        (state / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "no metadata", "all damaged"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+    smoke_run, tmp_path, capsys, how
+):
+    """Resume skips checkpoints that do not restore, reports them and moves them aside
+    (not deleted); with none left, one clear error."""
+    import shutil
+
+    source, _ = smoke_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    checkpoints = run_dir / "checkpoints"
+    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert len(steps) >= 2
+    for step in steps if how == "all damaged" else steps[-1:]:
+        _damage(checkpoints / str(step), "truncated" if how == "all damaged" else how)
+    trainer = Trainer(prepare_run(smoke_config(run_dir)))
+    manager = trainer.checkpoint_manager()
+    iterator = trainer.dataset.to_iter_dataset().__iter__()
+    if how == "all damaged":
+        with pytest.raises(CheckpointError, match="no checkpoint restores .*step"):
+            trainer.restore(manager, trainer.init_state(), iterator)
+        return
+    _, step = trainer.restore(manager, trainer.init_state(), iterator)
+    assert step == steps[-2]
+    assert f"checkpoint {checkpoints / str(steps[-1])} does not restore" in capsys.readouterr().err
+    moved = [p.name.split("-")[0] for p in (run_dir / "checkpoints.damaged").iterdir()]
+    assert moved == [str(steps[-1])] and manager.latest_step() == steps[-2]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_bitwise_equal(smoke_run, tmp_path):
+    """SIGTERM after step 3 (checkpoints every 2): the run saves step 3, says so and exits
+    75; rerun, it resumes from step 3 and ends with the uninterrupted run's nets, bitwise."""
+    from conftest import kill_then_resume
+
+    from train.interrupts import PREEMPTED_EXIT, SIGTERM_ENV
+
+    source, _ = smoke_run
+    overrides = ["train.max_steps=5", "checkpoint.every_steps=2", "train.log_every=1", *QUIET_EVAL]
+    reference, run_dir = kill_then_resume(
+        source,
+        tmp_path,
+        overrides,
+        kill_after=3,
+        resumed_from=3,
+        signal_env=SIGTERM_ENV,
+        returncode=PREEMPTED_EXIT,
+        stopped_says="SIGTERM: stopped after optimizer step 3 with a checkpoint",
+    )
+    _, trainable, _ = load_yoro(run_dir / "export")
+    for a, b in zip(
+        jax.tree.leaves(trainable), jax.tree.leaves(reference["state"]["trainable"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit flip"])
+def test_a_damaged_teacher_shard_is_named(smoke_run, tmp_path, how):
+    import shutil
+
+    source, _ = smoke_run
+    shard = sorted((source / "teacher").glob("train-*.array_record"))[0]
+    damaged = tmp_path / shard.name
+    shutil.copy(shard, damaged)
+    data = bytearray(damaged.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{damaged.name}: teacher shard is damaged"):
+        records = data_lib.TeacherRecords([damaged])
+        for i in range(len(records)):
+            records[i]

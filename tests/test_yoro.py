@@ -316,6 +316,18 @@ def test_save_load_round_trip_and_base_mismatch(tiny_base, tmp_path, ycfg):
         load_yoro(tmp_path, base)
 
 
+def test_damaged_nets_fail_with_their_path(tiny_base, tmp_path):
+    cfg, frozen = tiny_base
+    model, _, trainable = make_yoro(tiny_base, SPLITS["reference"])
+    base = Model(cfg, frozen, None, tmp_path / "base", "f" * 64)
+    save_yoro(tmp_path / "nets", model.ycfg, trainable, base.path, base.fingerprint)
+    files = [p for p in (tmp_path / "nets").rglob("*") if p.is_file() and p.stat().st_size]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="trainable: the saved arrays do not load"):
+        load_yoro(tmp_path / "nets", base)
+
+
 @pytest.mark.parametrize("ycfg", [SPLITS["lean"], VARIANTS["exact (preset)"]])
 def test_format_1_directories_are_upgraded_on_load(tiny_base, tmp_path, ycfg):
     """Directories written before the layers were stacked (a list of layers) load into the

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from train.config import load_config
+from train.interrupts import PREEMPTED_EXIT, Preempted
 from yoro_jax.checkpoint import CheckpointError
 from yoro_jax.config import ConfigError
 
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
+        import jax
+
+        from train.lock import lock_run_dir
         from train.trainer import train
         from yoro_jax.sharding import initialize_distributed
 
@@ -86,12 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg.mesh.validate()  # before any teacher data is made: enough devices for the mesh
 
         run_dir = Path(cfg.run_dir)
+        if jax.process_index() == 0:  # before --restart deletes anything
+            lock_run_dir(run_dir)
         if args.restart:
             for name in ("checkpoints", "best", "export", "tb"):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
             for name in ("metrics.jsonl", "samples.jsonl", "loss.png"):
                 (run_dir / name).unlink(missing_ok=True)
         result = train(cfg)
+    except Preempted as stopped:
+        print(str(stopped), file=sys.stderr)
+        return PREEMPTED_EXIT
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

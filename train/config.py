@@ -7,6 +7,7 @@ rejected with the field's dotted path and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -234,12 +235,31 @@ def _build(tp: Any, value: Any, path: str) -> Any:
     return value
 
 
+def _get(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _non_finite(obj: Any, path: str = "") -> str | None:
+    """The first float field (dotted path) that is NaN or infinite, if any."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else path
+    if dataclasses.is_dataclass(obj):
+        for field in dataclasses.fields(obj):
+            found = _non_finite(getattr(obj, field.name), f"{path}.{field.name}".lstrip("."))
+            if found:
+                return found
+    return None
+
+
 def _check_values(cfg: RunConfig) -> None:
+    bad = _non_finite(cfg)
+    if bad:  # NaN passes every <, <=, > test below
+        raise ConfigError(f"{bad}: must be a finite number, got {_get(cfg, bad)}")
+
     def get(path: str) -> Any:
-        obj: Any = cfg
-        for part in path.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return _get(cfg, path)
 
     for path, allowed in _CHOICES.items():
         if get(path) not in allowed:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from train.config import DataSection, PromptSource
+from yoro_jax.checkpoint import CheckpointError
 from yoro_jax.config import ConfigError
 
 Messages = list[dict[str, str]]
@@ -241,13 +242,34 @@ class TeacherRecords:
     def __init__(self, paths: Sequence[Path]):
         from grain.sources import ArrayRecordDataSource
 
-        self._source = ArrayRecordDataSource([str(p) for p in paths])
+        self._paths = [Path(p) for p in paths]
+        sizes = []
+        for path in self._paths:  # one at a time: an error names its shard
+            try:
+                sizes.append(len(ArrayRecordDataSource([str(path)])))
+            except Exception as err:  # noqa: BLE001 (array_record raises bare kinds)
+                raise _damaged(path, err) from err
+        self._ends = np.cumsum(sizes)
+        self._source = ArrayRecordDataSource([str(p) for p in self._paths])
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return deserialize(self._source[index])
+        try:
+            return deserialize(self._source[index])
+        except Exception as err:  # noqa: BLE001
+            shard = self._paths[int(np.searchsorted(self._ends, index, side="right"))]
+            raise _damaged(shard, err, f"record {index}") from err
+
+
+def _damaged(path: Path, err: Exception, what: str = "") -> CheckpointError:
+    lines = str(err).strip().splitlines()
+    detail = f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+    return CheckpointError(
+        f"{path}: teacher shard is damaged{f' ({what})' if what else ''} ({detail}); delete "
+        "it and rerun the same command — missing shards are generated again"
+    )
 
 
 # ---------------------------------------------------------------------------- batches

@@ -124,6 +124,18 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.tb = SummaryWriter(str(run_dir / "tb"))
 
+    def rewind(self, step: int) -> None:
+        """Drop the rows a resumed run will log again: those after ``step`` (the checkpoint
+        it resumes from), or all of them when it starts over from step 0."""
+        if not self.path.is_file():
+            return
+        rows = self.path.read_text().splitlines()
+        keep = [r for r in rows if r and step > 0 and json.loads(r)["step"] <= step]
+        if len(keep) < len(rows):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(r + "\n" for r in keep))
+            tmp.replace(self.path)  # atomic: a kill here leaves the old file or the new one
+
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         row = {"step": step, "split": split, **{k: float(v) for k, v in values.items()}}
         with self.path.open("a") as f:

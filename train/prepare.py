@@ -14,6 +14,7 @@ import yaml
 
 from train import data as data_lib
 from train.config import RunConfig, load_config, to_dict
+from train.lock import lock_run_dir
 from train.teacher_data import generate_teacher_data
 from yoro_jax.checkpoint import (
     Model,
@@ -84,6 +85,7 @@ def split_prompts(prompts: list[list[int]], num_val: int) -> dict[str, list[list
 
 
 def _check_resumable(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse a run dir that holds a run with other fixed settings."""
     saved_path = run_dir / "config.yaml"
     new = to_dict(cfg)
     if saved_path.is_file():
@@ -97,7 +99,6 @@ def _check_resumable(cfg: RunConfig, run_dir: Path) -> None:
                 f"{run_dir} holds a run with different {', '.join(changed)} settings; "
                 "use a new run_dir (only train/checkpoint/eval settings may change on resume)"
             )
-    saved_path.write_text(yaml.safe_dump(new, sort_keys=False))
 
 
 def prepare_run(config: str | RunConfig | None, overrides: list[str] = ()) -> Prepared:
@@ -105,11 +106,15 @@ def prepare_run(config: str | RunConfig | None, overrides: list[str] = ()) -> Pr
     cfg = config if isinstance(config, RunConfig) else load_config(config, list(overrides))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        lock_run_dir(run_dir)
     _check_resumable(cfg, run_dir)
     base = resolve_base(cfg)
     cfg.yoro.validate(base.config)
     if base.tokenizer is None:
         raise ConfigError(f"model.path: {base.path} has no tokenizer; training needs one")
+    # only a config that validated claims the run dir (a failed one must not block its fix)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     prompts = data_lib.load_prompts(cfg.data, base.tokenizer)
     splits = split_prompts(prompts, cfg.data.validation_prompts)
     # Online mode also trains on the teacher's answers (the sequences); only the target

@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from train import data as data_lib
 from train.config import RunConfig
+from train.interrupts import SIGTERM_ENV, Preempted, stop_requests
 from train.metrics import MetricsLog, heldout_metrics, plot_losses, to_device
 from train.prepare import Prepared, compute_dtype, initial_trainable, prepare_run
 from train.routing import temperature_at
@@ -129,14 +132,40 @@ class Trainer:
         return ocp.CheckpointManager((self.run_dir / "checkpoints").absolute(), options=options)
 
     def restore(self, manager, state, iterator) -> tuple[dict[str, Any], int]:
+        """Resume from the newest checkpoint that restores and verifies (finite values);
+        newer ones that do not are reported and set aside in ``RUN/checkpoints.damaged``
+        (never deleted). If none restores, the run was written with another config or
+        yoro-jax version (or every checkpoint is damaged): a clear error."""
         import orbax.checkpoint as ocp
 
-        step = manager.latest_step()
-        if step is None:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
             return state, 0
         # the abstract state carries this run's shardings: a checkpoint written on another
         # mesh (or one device) is re-sharded onto this one as it is read
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        failures = []
+        for step in steps:
+            try:
+                restored = self._read_checkpoint(manager, step, abstract)
+            except Exception as err:  # noqa: BLE001 (any failure: try the one before)
+                failures.append((step, err))
+                continue
+            for bad_step, err in failures:  # newer than a good one: damaged
+                self._set_aside(manager, bad_step, err)
+            iterator.set_state(restored["loader"])
+            print(f"resumed {self.run_dir} from step {step}", file=sys.stderr)
+            restored_state = restored["state"]
+            return (jax.device_put(restored_state) if self.mesh is None else restored_state), step
+        listed = "; ".join(f"step {s}: {_first_line(e)}" for s, e in failures)
+        raise CheckpointError(
+            f"{self.run_dir}: no checkpoint restores ({listed}); they were written with "
+            "another config or yoro-jax version, or are damaged — use a new run directory "
+            "(or --restart)"
+        )
+
+    def _read_checkpoint(self, manager, step: int, abstract) -> dict[str, Any]:
+        import orbax.checkpoint as ocp
 
         def read(target):
             return manager.restore(
@@ -155,16 +184,30 @@ class Trainer:
             try:
                 restored = read(old)
             except (ValueError, KeyError, TypeError):
-                raise CheckpointError(
-                    f"{self.run_dir}: checkpoint {step} does not match this run's state "
-                    f"({err}); it was written with another config or yoro-jax version — "
-                    "use a new run directory"
-                ) from err
+                raise err from None
             restored["state"] = restack(restored["state"])
-        iterator.set_state(restored["loader"])
-        print(f"resumed {self.run_dir} from step {step}", file=sys.stderr)
-        restored_state = restored["state"]
-        return (jax.device_put(restored_state) if self.mesh is None else restored_state), step
+        floats = [
+            leaf
+            for leaf in jax.tree.leaves(restored["state"])
+            if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)
+        ]
+        if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in floats):
+            raise CheckpointError(f"checkpoint {step} holds non-finite values")
+        return restored
+
+    def _set_aside(self, manager, step: int, err: Exception) -> None:
+        """Move a damaged checkpoint out of the manager's directory, with a warning."""
+        source = self.run_dir / "checkpoints" / str(step)
+        aside = self.run_dir / "checkpoints.damaged" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:  # one process moves it (a shared run dir)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(source), str(aside))
+        manager.reload()
+        print(
+            f"warning: checkpoint {source} does not restore ({_first_line(err)}); moved it to "
+            f"{aside} and resumed from an earlier one",
+            file=sys.stderr,
+        )
 
     def save(self, manager, step: int, state, iterator) -> None:
         import orbax.checkpoint as ocp
@@ -258,9 +301,11 @@ class Trainer:
         manager = self.checkpoint_manager()
         state, start_step = self.restore(manager, self.init_state(), iterator)
         log = MetricsLog(self.run_dir)
+        log.rewind(start_step)  # rows logged after the checkpoint would appear twice
         best_path = self.run_dir / "best" / "metrics.json"
         best = json.loads(best_path.read_text())["val"] if best_path.is_file() else {}
         kill_after = int(os.environ.get(KILL_ENV, "0"))
+        term_after = int(os.environ.get(SIGTERM_ENV, "0"))
         if start_step == 0:
             teacher = self.run_dir / "teacher" / "throughput.json"
             if teacher.is_file():  # how fast this run's teacher data was made
@@ -272,7 +317,9 @@ class Trainer:
         router_window: dict[str, float] = {}
         router_opts = cfg.router_train if self.routed else None
         step = start_step
+        handlers = ExitStack()
         try:
+            stops = handlers.enter_context(stop_requests())
             for step in range(start_step + 1, self.total_steps + 1):
                 temperature = temperature_at(cfg.router_train, step, self.steps_per_epoch)
                 for micro in range(accum):
@@ -347,16 +394,29 @@ class Trainer:
                 if kill_after and step == kill_after:
                     manager.wait_until_finished()
                     os.kill(os.getpid(), signal.SIGKILL)
+                if term_after and step == term_after:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if stops and step != self.total_steps:  # a scheduler wants the machine back
+                    if step % cfg.checkpoint.every_steps:
+                        self.save(manager, step, state, iterator)
+                    manager.wait_until_finished()
+                    raise Preempted(self.run_dir, step, stops[0])
             manager.wait_until_finished()
             if step == self.total_steps and start_step < self.total_steps:
                 self.validate(state["trainable"], step, log, best, int(state["tokens_seen"]))
         finally:
+            handlers.close()
             progress.close()
             manager.close()
             log.close()
         self.export(self.run_dir / "export", state["trainable"], extra={"best_val": best})
         plot_losses(self.run_dir)
         return {"step": step, "state": state, "best": best}
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 def train(config: str | RunConfig | None, overrides: list[str] = ()) -> dict[str, Any]:

@@ -124,8 +124,16 @@ def restore_pytree(path: Path, abstract: Any) -> Any:
     Leaves come back as device arrays: orbax returns numpy for sharding-free targets, and
     numpy params would be copied into every jitted call.
     """
-    with ocp.StandardCheckpointer() as checkpointer:
-        return jax.device_put(checkpointer.restore(Path(path).absolute(), abstract))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return jax.device_put(checkpointer.restore(Path(path).absolute(), abstract))
+    except Exception as err:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
+        lines = str(err).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: the saved arrays do not load ({type(err).__name__}: "
+            f"{lines[0][:200] if lines else ''}); the files are damaged or incomplete — "
+            "write them again (convert the model / export the nets)"
+        ) from err
 
 
 @contextmanager
@@ -267,6 +275,18 @@ def read_yoro_meta(path: Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise CheckpointError(f"{path} holds no trained YORO nets (no {YORO_CONFIG_FILE})")
     return json.loads(meta_path.read_text())
+
+
+def resolve_nets(path: str | Path) -> Path:
+    """A YORO nets directory: the path itself, or a training run's ``export`` / ``best``."""
+    path = Path(path)
+    for candidate in (path, path / "export", path / "best"):
+        if (candidate / YORO_CONFIG_FILE).is_file():
+            return candidate
+    raise CheckpointError(
+        f"{path}: no trained YORO nets there (expected {YORO_CONFIG_FILE} in it, or a "
+        "training run directory with export/ or best/)"
+    )
 
 
 def recorded_base(path: Path) -> str:

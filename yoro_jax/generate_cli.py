@@ -77,7 +77,7 @@ def stream_printer(tokenizer: Any, file: Any = None) -> Callable[[list[list[int]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from yoro_jax.checkpoint import CheckpointError, load_model
+    from yoro_jax.checkpoint import CheckpointError, load_model, recorded_base, resolve_nets
     from yoro_jax.config import ConfigError
 
     args = build_parser().parse_args(argv)
@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         if given is not None and given is not False and not args.yoro:
             print(f"error: {flag} needs --yoro (the trained nets that draft)", file=sys.stderr)
             return 2
+    if args.max_new_tokens < 1:
+        print(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
+        return 2
+    if any(not p.strip() for p in args.prompt):
+        print("error: --prompt is empty; give the text to answer", file=sys.stderr)
+        return 2
     if args.speculative is not None and args.speculative < 1:
         print(f"error: --speculative K needs K >= 1, got {args.speculative}", file=sys.stderr)
         return 2
@@ -92,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give --model DIR (or --yoro RUN/export to use its base)", file=sys.stderr)
         return 2
     try:
+        if args.yoro is not None:  # nets, or a training run (its export/, as lm-eval does)
+            args.yoro = resolve_nets(args.yoro)
         if args.model is None:
-            from yoro_jax.checkpoint import recorded_base
-
             args.model = recorded_base(args.yoro)
         model = load_model(args.model, dtype=args.dtype)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
@@ -110,6 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.model} has no tokenizer files", file=sys.stderr)
         return 2
     prompts = [encode_prompt(model.tokenizer, p, args.chat, args.system) for p in args.prompt]
+    context = model.config.max_position_embeddings
+    for number, ids in enumerate(prompts, 1):
+        if len(ids) + args.max_new_tokens > context:  # before any cache is allocated
+            print(
+                f"error: prompt {number} is {len(ids)} tokens; with --max-new-tokens "
+                f"{args.max_new_tokens} that passes the model's context of {context} tokens "
+                "(shorten the prompt or ask for fewer new tokens)",
+                file=sys.stderr,
+            )
+            return 2
     eos, pad = special_ids(model.config, model.tokenizer)
     stream = len(prompts) == 1 and len(decoders) == 1 and not args.no_stream
     answers = {}

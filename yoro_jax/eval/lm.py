@@ -11,6 +11,7 @@ through the same code, so baseline and YORO are measured alike.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from yoro_jax.checkpoint import Model
+from yoro_jax.checkpoint import CheckpointError, Model, resolve_nets
 from yoro_jax.eval.scoring import score_pairs
 from yoro_jax.generate import generate_tokens, special_ids
 from yoro_jax.models import make_decoders, resolve_model
@@ -37,6 +38,7 @@ from yoro_jax.sharding import MeshConfig, make_mesh, shard_params
 from yoro_jax.speculative import DEFAULT_K
 
 MODES = ("full", "yoro", "speculative")
+LM_EVAL_PASSES = {"device", "max_batch_size"}  # lm-eval's own, given to every backend
 DEFAULT_MAX_GEN_TOKS = 256
 
 
@@ -68,20 +70,6 @@ def parse_mesh(text: str) -> MeshConfig:
     except ValueError:
         raise ValueError(f"mesh must look like DATAxFSDP (e.g. 4x2), got {text!r}") from None
     return MeshConfig(data, fsdp)
-
-
-def resolve_nets(path: str | Path) -> Path:
-    """A YORO nets directory: the path itself, or a training run's ``export`` / ``best``."""
-    from yoro_jax.yoro import YORO_CONFIG_FILE
-
-    path = Path(path)
-    for candidate in (path, path / "export", path / "best"):
-        if (candidate / YORO_CONFIG_FILE).is_file():
-            return candidate
-    raise ValueError(
-        f"yoro={path}: no trained YORO nets there (expected {YORO_CONFIG_FILE} in it, or a "
-        "training run directory with export/ or best/)"
-    )
 
 
 def load_base(model: str | None, nets: Path | None, dtype: str | None) -> Model:
@@ -122,6 +110,13 @@ class YoroJaxLM(TemplateLM):
         **unused: Any,  # lm-eval passes device / max_batch_size to every backend
     ) -> None:
         super().__init__()
+        unknown = sorted(set(unused) - LM_EVAL_PASSES)
+        if unknown:  # a typo must not silently score another model or mode
+            known = inspect.signature(YoroJaxLM.__init__).parameters
+            raise ValueError(
+                f"unknown model_args {', '.join(unknown)}; this backend takes "
+                f"{', '.join(k for k in known if k not in ('self', 'unused'))}"
+            )
         if yoro in (None, "", "none", "None"):
             yoro = None
         mode = mode or ("yoro" if yoro else "full")
@@ -129,7 +124,10 @@ class YoroJaxLM(TemplateLM):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode in ("yoro", "speculative") and yoro is None:
             raise ValueError(f"mode={mode} needs yoro=NETS (a training run or exported nets)")
-        nets = resolve_nets(yoro) if yoro else None
+        try:
+            nets = resolve_nets(yoro) if yoro else None
+        except CheckpointError as err:
+            raise ValueError(f"yoro={yoro}: {err}") from None
         self.base = load_base(model, nets, dtype)
         if self.base.tokenizer is None:
             raise ValueError(f"{self.base.path} has no tokenizer; lm-eval needs one")
