@@ -68,6 +68,7 @@ SLOW_TESTS = {
     "test_generate_cli_speculative_prints_the_full_models_answer",
     "test_speculative_mode_generates_and_scores_like_the_full_model",
     "test_generate_cli_checks_its_input_before_any_allocation",
+    "test_cli_bad_model_args_are_one_error_line",
 }
 FAST_KEEP = {
     "test_cached_generation_equals_teacher_forcing[lean]",

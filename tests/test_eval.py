@@ -338,6 +338,19 @@ def test_cli_runs_offline_tasks_and_writes_results(tiny, tmp_path):
     assert list(out.rglob("samples_yoro_qa_*.jsonl"))
 
 
+def test_cli_bad_model_args_are_one_error_line(tiny, capsys):
+    from yoro_jax.eval.__main__ import main
+
+    _, _, root = tiny
+    for args, says in [
+        (f"model={root / 'model'},mdoe=yoro", "unknown model_args mdoe"),
+        (f"model={root / 'model'},mode=half", "mode must be one of"),
+    ]:
+        assert main(["--model_args", args, "--tasks", "yoro_mc", "--limit", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "error: --model_args" in err and says in err and "Traceback" not in err
+
+
 def test_offline_task_files_are_well_formed():
     mc = [json.loads(line) for line in (TASKS_DIR / "data" / "yoro_mc.jsonl").open()]
     assert len(mc) == 40 and all(len(d["choices"]) == 4 and 0 <= d["answer"] < 4 for d in mc)

@@ -163,6 +163,17 @@ def test_bad_configs_name_the_field(tmp_path, overrides, message):
         load_config(SMOKE, overrides)
 
 
+def test_yaml_errors_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {batch_size: 8\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="--set optim.lr: the value .* is not valid YAML"):
+        load_config(SMOKE, ["optim.lr=[1"])
+    with pytest.raises(ConfigError, match="optim.lr is a value .* not a section"):
+        load_config(SMOKE, ["optim.lr.x=1"])
+
+
 def test_missing_config_file_and_cli_exit_code(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -327,7 +327,14 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             node = node[int(part)]
         else:
             node = node.setdefault(part, {})
-    value = yaml.safe_load(text) if text.strip() else None
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(
+                    f"--set {path}: {'.'.join(parts[: i + 1])} is a value ({node!r}), not a section"
+                )
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {path}: the value {text!r} is not valid YAML ({err})") from None
     last = parts[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
@@ -344,7 +351,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for assignment in overrides:

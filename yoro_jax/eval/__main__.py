@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
-    import yoro_jax.eval.lm  # noqa: F401  (registers the yoro-jax backend)
+    from yoro_jax.eval.lm import ModelArgsError  # (importing registers the backend)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "include_path"):
         given = args.include_path
         args.include_path = [str(TASKS_DIR), given] if given else str(TASKS_DIR)
-    cli.execute(args)
+    try:
+        cli.execute(args)
+    except ModelArgsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

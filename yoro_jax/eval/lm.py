@@ -83,6 +83,10 @@ def load_base(model: str | None, nets: Path | None, dtype: str | None) -> Model:
     return resolve_model(model, dtype)
 
 
+class ModelArgsError(ValueError):
+    """Bad ``--model_args`` for this backend (the CLI prints one ``error:`` line)."""
+
+
 @register_model("yoro-jax")
 class YoroJaxLM(TemplateLM):
     """model_args: ``model``, ``yoro``, ``mode`` (full|yoro|speculative), ``speculative_k``,
@@ -157,6 +161,21 @@ class YoroJaxLM(TemplateLM):
             if mode == "speculative"
             else (self.decoder, self.params)
         )
+
+    # lm-eval's constructor paths: a bad argument becomes a ModelArgsError
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        try:
+            return super().create_from_arg_string(arg_string, additional_config)
+        except (ValueError, CheckpointError) as err:
+            raise ModelArgsError(f"--model_args {arg_string!r}: {err}") from err
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        try:
+            return super().create_from_arg_obj(arg_dict, additional_config)
+        except (ValueError, CheckpointError) as err:
+            raise ModelArgsError(f"--model_args {arg_dict}: {err}") from err
 
     # ------------------------------------------------------------------ tokenisation
     @property
