@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
-import time
 from pathlib import Path
 
 import jax
@@ -70,13 +68,7 @@ def step_costs(cfg, frozen, yoro_params, model, prompt, ks, repeats=20):
     position = jnp.asarray(valid.sum(1))[:, None]
 
     def timed(fn, *args):
-        jax.block_until_ready(fn(*args))
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best = min(best, time.perf_counter() - start)
-        return best
+        return best_of(lambda: jax.block_until_ready(fn(*args)), repeats)
 
     one = jnp.ones((1, 1), jnp.int32) * 5
     valid1 = kv_valid.at[:, 64].set(True)
@@ -112,15 +104,18 @@ def per_row_slot_cost(cfg, frozen, prompt, batch=8, repeats=20) -> float:
     position = jnp.asarray(valid.sum(1))[:, None]
     one = jnp.full((batch, 1), 5, jnp.int32)
     decode = jax.jit(functools.partial(step, full))
-    times = {}
-    for name, slot in (("shared", jnp.int32(64)), ("per row", jnp.full((batch,), 64, jnp.int32))):
-        jax.block_until_ready(decode(frozen, caches, one, position, kv_valid, slot))
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(decode(frozen, caches, one, position, kv_valid, slot))
-            best = min(best, time.perf_counter() - start)
-        times[name] = best
+    times = {
+        name: best_of(
+            lambda slot=slot: jax.block_until_ready(
+                decode(frozen, caches, one, position, kv_valid, slot)
+            ),
+            repeats,
+        )
+        for name, slot in (
+            ("shared", jnp.int32(64)),
+            ("per row", jnp.full((batch,), 64, jnp.int32)),
+        )
+    }
     return times["per row"] / times["shared"]
 
 

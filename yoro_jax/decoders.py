@@ -153,6 +153,23 @@ class YoroDecoder:
         routing = self.model.route(trainable, e, valid)
         return None if routing is None else routing.gates
 
+    def init_caches(self, params, batch: int, length: int) -> dict[str, llama.Caches]:
+        """Empty embedding / compensation / coherence caches, in the params' layouts."""
+        frozen, trainable = params
+        m, cfg = self.model, self.model.base
+        unscanned = llama.is_unscanned(frozen["layers"])
+        return {
+            "embedding": llama.init_cache(
+                cfg, m.ycfg.embedding_layers, batch, length, m.dtype, unscanned
+            ),
+            "compensation": llama.init_cache_like(
+                cfg, trainable["compensation"], batch, length, m.dtype
+            ),
+            "coherence": llama.init_cache(
+                cfg, m.ycfg.coherence_layers, batch, length, m.dtype, unscanned
+            ),
+        }
+
     def prefill(self, params, tokens, valid, kv_valid):
         frozen, trainable = params
         m, cfg = self.model, self.model.base
@@ -162,26 +179,22 @@ class YoroDecoder:
         prompt_mask = llama.attention_mask(valid, 0, prompt_len)
 
         x = llama.embed_tokens(frozen, tokens, m.dtype)
-        unscanned = llama.is_unscanned(frozen["layers"])
-        embedding_cache = llama.init_cache(
-            cfg, m.ycfg.embedding_layers, batch, length, m.dtype, unscanned
-        )
+        empty = self.init_caches(params, batch, length)
         e, embedding_cache = llama.run_layers(
-            cfg, frozen["layers"], x, rope, cached_mask, embedding_cache, 0, span=m.embedding_span
+            cfg,
+            frozen["layers"],
+            x,
+            rope,
+            cached_mask,
+            empty["embedding"],
+            0,
+            span=m.embedding_span,
         )
         gates = self.gates(trainable, e, valid)
         r, h_reason, states = m.prompt_pass(frozen, e, rope, prompt_mask, gates, skip=True)
         if m.ycfg.exact:
             caches = m.exact_caches(frozen, trainable, states, rope, length)
         else:
-            empty = {
-                "compensation": llama.init_cache_like(
-                    cfg, trainable["compensation"], batch, length, m.dtype
-                ),
-                "coherence": llama.init_cache(
-                    cfg, m.ycfg.coherence_layers, batch, length, m.dtype, unscanned
-                ),
-            }
             _, _, caches = m.yoro_path(frozen, trainable, e, r, rope, cached_mask, empty, 0)
         caches["embedding"] = embedding_cache
         caches["reasoning_layers"] = (

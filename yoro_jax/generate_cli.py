@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag, given in (("--compare", args.compare), ("--speculative", args.speculative)):
         if given is not None and given is not False and not args.yoro:
-            print(f"error: {flag} needs --yoro (the trained nets that draft)", file=sys.stderr)
+            print(f"error: {flag} needs --yoro (trained YORO nets)", file=sys.stderr)
             return 2
     if args.max_new_tokens < 1:
         print(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)

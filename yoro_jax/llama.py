@@ -384,6 +384,15 @@ def layer_kv(cfg: LlamaConfig, layer: Params, x: jax.Array, rope: Rope) -> Layer
     return {"k": apply_rope(k, rope), "v": v}
 
 
+def block_kv(cfg: LlamaConfig, layers: Layers, states: jax.Array, rope: Rope) -> Caches:
+    """Stacked K/V ``{"k": [L, B, T, KVH, Dh], "v"}`` that layer l of a block (either
+    layout) computes from its input states ``states[l]`` [B, T, d]."""
+    if is_unscanned(layers):
+        kvs = [layer_kv(cfg, layer, x, rope) for layer, x in zip(layers, states, strict=True)]
+        return {name: jnp.stack([kv[name] for kv in kvs]) for name in ("k", "v")}
+    return jax.vmap(layer_kv, in_axes=(None, 0, 0, None))(cfg, layers, states, rope)
+
+
 def embed_tokens(params: Params, tokens: jax.Array, dtype: Any | None = None) -> jax.Array:
     table = params["embed"]
     return jnp.take(table, tokens, axis=0).astype(dtype or table.dtype)

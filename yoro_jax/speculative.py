@@ -143,13 +143,7 @@ def _refresh_draft(spec, params, draft_caches, full_caches, tail_states, rope, s
     comp = m.cast(trainable)["compensation"]
     if llama.num_layers(comp):
         states = tail_states[: ycfg.compensation_layers].astype(m.dtype)
-        if llama.is_unscanned(comp):
-            kvs = [
-                llama.layer_kv(cfg, layer, x, rope) for layer, x in zip(comp, states, strict=True)
-            ]
-            kv = {name: jnp.stack([a[name] for a in kvs]) for name in ("k", "v")}
-        else:
-            kv = jax.vmap(llama.layer_kv, in_axes=(None, 0, 0, None))(cfg, comp, states, rope)
+        kv = llama.block_kv(cfg, comp, states, rope)
         caches["compensation"] = _write(caches["compensation"], kv, slot)
     return caches
 
@@ -203,23 +197,9 @@ def start(
             spec, params, full_caches, tokens, positions, kv_valid, 0
         )
         logits = spec.full.head(frozen, hidden[:, -1])
-        trainable = params[1]
         m, cfg = spec.draft.model, spec.draft.model.base
-        unscanned = llama.is_unscanned(frozen["layers"])
-        draft_caches = {
-            "embedding": llama.init_cache(
-                cfg, m.ycfg.embedding_layers, batch, length, m.dtype, unscanned
-            ),
-            "compensation": llama.init_cache_like(
-                cfg, trainable["compensation"], batch, length, m.dtype
-            ),
-            "coherence": llama.init_cache(
-                cfg, m.ycfg.coherence_layers, batch, length, m.dtype, unscanned
-            ),
-        }
-        draft_caches = _refresh_draft(
-            spec, params, draft_caches, full_caches, tail, rope, 0, prompt_len
-        )
+        empty = spec.draft.init_caches(params, batch, length)
+        draft_caches = _refresh_draft(spec, params, empty, full_caches, tail, rope, 0, prompt_len)
         draft_caches["reasoning_layers"] = jnp.full(
             (batch,), m.ycfg.num_reasoning_layers(cfg), jnp.int32
         )

@@ -268,14 +268,11 @@ def _block_kv(
 ) -> llama.Caches:
     """Caches of ``length`` slots for a block whose layer l sees input states
     ``states[l]`` [B, P, d] at the first P slots: the K/V each layer computes from them."""
-    slots = [(0, length - states.shape[2])]
-    if llama.is_unscanned(layers):
-        pad = [(0, 0), *slots, (0, 0), (0, 0)]
-        kvs = [llama.layer_kv(cfg, layer, x, rope) for layer, x in zip(layers, states, strict=True)]
-        return tuple({name: jnp.pad(a, pad) for name, a in kv.items()} for kv in kvs)
-    kv = jax.vmap(llama.layer_kv, in_axes=(None, 0, 0, None))(cfg, layers, states, rope)
-    pad = [(0, 0), (0, 0), *slots, (0, 0), (0, 0)]
-    return {name: jnp.pad(a, pad) for name, a in kv.items()}
+    pad = [(0, 0), (0, 0), (0, length - states.shape[2]), (0, 0), (0, 0)]
+    kv = {name: jnp.pad(a, pad) for name, a in llama.block_kv(cfg, layers, states, rope).items()}
+    if llama.is_unscanned(layers):  # caches in the layers' layout
+        return tuple({name: a[i] for name, a in kv.items()} for i in range(len(layers)))
+    return kv
 
 
 # -------------------------------------------------------------------------- the blocks
