@@ -69,6 +69,9 @@ SLOW_TESTS = {
     "test_speculative_mode_generates_and_scores_like_the_full_model",
     "test_generate_cli_checks_its_input_before_any_allocation",
     "test_cli_bad_model_args_are_one_error_line",
+    "test_compare_prints_modes_side_by_side_and_plots",
+    "test_cli_runs_an_offline_standard_task_with_no_hub",
+    "test_two_processes_train_checkpoint_and_resume_like_one",
 }
 FAST_KEEP = {
     "test_cached_generation_equals_teacher_forcing[lean]",

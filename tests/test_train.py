@@ -451,12 +451,16 @@ def test_metrics_log_rewinds_to_the_resumed_checkpoint(tmp_path):
     from train.metrics import MetricsLog, read_metrics
 
     log = MetricsLog(tmp_path)
+    samples = tmp_path / "samples.jsonl"
     for step in (0, 1, 2, 3):
         log.write(step, "train", {"loss": float(step)})
+        with samples.open("a") as f:
+            f.write(json.dumps({"step": step, "prompt": "p", "full": "a", "yoro": "b"}) + "\n")
     log.rewind(2)  # resumed from the step-2 checkpoint: step 3 will be logged again
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    assert [json.loads(r)["step"] for r in samples.read_text().splitlines()] == [0, 1, 2]
     log.rewind(0)  # no checkpoint: the run starts over and logs step 0 again
-    assert read_metrics(tmp_path) == []
+    assert read_metrics(tmp_path) == [] and samples.read_text() == ""
     log.close()
 
 

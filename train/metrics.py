@@ -16,7 +16,7 @@ from train import data as data_lib
 from train.step import row_sums
 from yoro_jax.llama import Params
 from yoro_jax.router import layers_needed, layers_on
-from yoro_jax.sharding import shard_batch
+from yoro_jax.sharding import is_primary, shard_batch, to_host
 from yoro_jax.yoro import Yoro
 
 # Held-out top-1 agreement is also reported at each of the first generated positions.
@@ -98,10 +98,10 @@ def heldout_metrics(
         for key in ("kl", "ce", "top1", "count"):
             totals[key] = totals.get(key, 0.0) + float(sums[key])
         for key in ("top1_at", "count_at"):
-            totals[key] = totals.get(key, 0.0) + np.asarray(sums[key], np.float64)
+            totals[key] = totals.get(key, 0.0) + to_host(sums[key]).astype(np.float64)
         if "layers" in sums:
-            layers.append(np.asarray(sums["layers"]))
-            layer_on.append(np.asarray(sums["layer_on"]))
+            layers.append(to_host(sums["layers"]))
+            layer_on.append(to_host(sums["layer_on"]))
     count = max(totals["count"], 1.0)
     out = {key: totals[key] / count for key in ("kl", "top1", "ce")} | {"tokens": count}
     at = totals["top1_at"] / np.maximum(totals["count_at"], 1.0)
@@ -115,28 +115,39 @@ def heldout_metrics(
     return out
 
 
+def rewind_jsonl(path: Path, step: int) -> None:
+    """Keep the rows of a JSON-lines log with ``"step" <= step`` (none for step 0)."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines()
+    keep = [r for r in rows if r and step > 0 and json.loads(r)["step"] <= step]
+    if len(keep) < len(rows):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(r + "\n" for r in keep))
+        tmp.replace(path)  # atomic: a kill here leaves the old file or the new one
+
+
 class MetricsLog:
-    """metrics.jsonl + TensorBoard scalars."""
+    """metrics.jsonl + TensorBoard scalars (multi-host: written by process 0 alone)."""
 
     def __init__(self, run_dir: Path):
         from tensorboardX import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+        self.enabled = is_primary()
+        self.tb = SummaryWriter(str(run_dir / "tb")) if self.enabled else None
 
     def rewind(self, step: int) -> None:
         """Drop the rows a resumed run will log again: those after ``step`` (the checkpoint
-        it resumes from), or all of them when it starts over from step 0."""
-        if not self.path.is_file():
-            return
-        rows = self.path.read_text().splitlines()
-        keep = [r for r in rows if r and step > 0 and json.loads(r)["step"] <= step]
-        if len(keep) < len(rows):
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(r + "\n" for r in keep))
-            tmp.replace(self.path)  # atomic: a kill here leaves the old file or the new one
+        it resumes from), or all of them when it starts over from step 0 — in
+        metrics.jsonl and samples.jsonl alike."""
+        if self.enabled:
+            rewind_jsonl(self.path, step)
+            rewind_jsonl(self.path.with_name("samples.jsonl"), step)
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, "split": split, **{k: float(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -144,7 +155,8 @@ class MetricsLog:
             self.tb.add_scalar(f"{split}/{key}", float(value), step)
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 # ------------------------------------------------------------------------------ plot

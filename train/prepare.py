@@ -26,6 +26,7 @@ from yoro_jax.checkpoint import (
 from yoro_jax.config import ConfigError
 from yoro_jax.llama import Params
 from yoro_jax.models import EMBEDDED_DEFAULT, resolve_model
+from yoro_jax.sharding import is_primary, sync_processes
 from yoro_jax.yoro import init_trainable
 
 # Sections whose change makes a resumed run a different experiment.
@@ -40,12 +41,13 @@ def resolve_base(cfg: RunConfig) -> Model:
         from train.tiny import byte_tokenizer, tiny_random_model
 
         out = Path(cfg.run_dir) / "base"
-        if not out.is_dir():
+        if not out.is_dir() and is_primary():
             model = tiny_random_model(seed=0)
             params = jax.tree.map(lambda a: a.astype(resolve_dtype(cfg.model.dtype)), model.params)
             write_model_dir(
                 out, model.config, params, byte_tokenizer().save_pretrained, "tiny-random"
             )
+        sync_processes("tiny-random base written")
         return load_model(out)
     if path != EMBEDDED_DEFAULT and not Path(path).is_dir():
         raise ConfigError(
@@ -106,7 +108,7 @@ def prepare_run(config: str | RunConfig | None, overrides: list[str] = ()) -> Pr
     cfg = config if isinstance(config, RunConfig) else load_config(config, list(overrides))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
+    if is_primary():
         lock_run_dir(run_dir)
     _check_resumable(cfg, run_dir)
     base = resolve_base(cfg)
@@ -114,12 +116,19 @@ def prepare_run(config: str | RunConfig | None, overrides: list[str] = ()) -> Pr
     if base.tokenizer is None:
         raise ConfigError(f"model.path: {base.path} has no tokenizer; training needs one")
     # only a config that validated claims the run dir (a failed one must not block its fix)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if is_primary():
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     prompts = data_lib.load_prompts(cfg.data, base.tokenizer)
     splits = split_prompts(prompts, cfg.data.validation_prompts)
     # Online mode also trains on the teacher's answers (the sequences); only the target
     # changes: dense teacher logits computed in the step instead of the stored top-k.
-    return Prepared(cfg, base, generate_teacher_data(cfg, base, splits))
+    # Multi-host: process 0 makes them (one writer per shard), the others read them after.
+    if is_primary():
+        shards = generate_teacher_data(cfg, base, splits)
+    sync_processes("teacher data written")
+    if not is_primary():
+        shards = generate_teacher_data(cfg, base, splits)  # all there: only their paths
+    return Prepared(cfg, base, shards)
 
 
 def initial_trainable(cfg: RunConfig, base: Model) -> Params:

@@ -47,7 +47,13 @@ from yoro_jax.config import ConfigError
 from yoro_jax.decoders import YoroDecoder
 from yoro_jax.generate import LlamaDecoder, generate_tokens, special_ids
 from yoro_jax.llama import Params
-from yoro_jax.sharding import make_mesh, shard_params
+from yoro_jax.sharding import (
+    gather_to_host,
+    is_primary,
+    make_mesh,
+    shard_params,
+    sync_processes,
+)
 from yoro_jax.yoro import Yoro
 
 # Test hook: SIGKILL this process right after the given optimizer step (simulates a crash).
@@ -86,15 +92,12 @@ class Trainer:
             top_k=cfg.teacher.top_k,
             features=cfg.teacher.features,
         )
-        hosts, host = jax.process_count(), jax.process_index()
+        # Multi-host too, every process reads and pads the whole global batch (cheap next to
+        # the step), so all pick the same bucketed shapes, and places only its own rows.
         dataset = (
             grain.MapDataset.source(records).shuffle(seed=cfg.train.seed).repeat(cfg.train.epochs)
         )
-        if hosts > 1:  # multi-host: every process reads its own slice of each global batch
-            dataset = dataset[host::hosts]
-        self.dataset = dataset.batch(
-            cfg.train.batch_size // hosts, drop_remainder=True, batch_fn=collate
-        )
+        self.dataset = dataset.batch(cfg.train.batch_size, drop_remainder=True, batch_fn=collate)
         micro_steps = len(self.dataset)
         self.total_steps = micro_steps // cfg.optim.grad_accum
         if cfg.train.max_steps:
@@ -199,7 +202,7 @@ class Trainer:
         """Move a damaged checkpoint out of the manager's directory, with a warning."""
         source = self.run_dir / "checkpoints" / str(step)
         aside = self.run_dir / "checkpoints.damaged" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if jax.process_index() == 0:  # one process moves it (a shared run dir)
+        if is_primary():  # one process moves it (a shared run dir)
             aside.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(source), str(aside))
         manager.reload()
@@ -259,9 +262,10 @@ class Trainer:
             {"step": step, "prompt": p, "full": f.text, "yoro": y.text}
             for p, f, y in zip(self.cfg.eval.sample_prompts, self._full_answers, yoro, strict=True)
         ]
-        with (self.run_dir / "samples.jsonl").open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        if is_primary():
+            with (self.run_dir / "samples.jsonl").open("a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
         return rows
 
     def validate(
@@ -288,11 +292,14 @@ class Trainer:
             self.export(self.run_dir / "best", trainable, extra={"val": best})
 
     def export(self, out: Path, trainable: Params, extra: dict | None = None) -> None:
-        save_yoro(
-            out, self.cfg.yoro, trainable, self.base.path, self.base.fingerprint, overwrite=True
-        )
-        if extra:
-            (out / "metrics.json").write_text(json.dumps(extra, indent=2) + "\n")
+        trainable = gather_to_host(trainable)  # multi-host: every process joins the gather
+        if is_primary():
+            save_yoro(
+                out, self.cfg.yoro, trainable, self.base.path, self.base.fingerprint, overwrite=True
+            )
+            if extra:
+                (out / "metrics.json").write_text(json.dumps(extra, indent=2) + "\n")
+        sync_processes(f"exported {out.name}")
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -410,7 +417,8 @@ class Trainer:
             manager.close()
             log.close()
         self.export(self.run_dir / "export", state["trainable"], extra={"best_val": best})
-        plot_losses(self.run_dir)
+        if is_primary():
+            plot_losses(self.run_dir)
         return {"step": step, "state": state, "best": best}
 
 

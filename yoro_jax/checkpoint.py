@@ -111,9 +111,24 @@ def listed_layout(abstract: Any, name: str) -> tuple[Any, Callable[[Any], Any]]:
     return old, restack
 
 
+def _this_process_only() -> dict[str, Any]:
+    """Orbax options for a file one process writes or reads by itself (a model dir, exported
+    nets): on a multi-host run the other processes are not part of the save or restore."""
+    if jax.process_count() == 1:
+        return {}
+    me = jax.process_index()
+    return {
+        "multiprocessing_options": ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"local{me}"
+        )
+    }
+
+
 def save_pytree(path: Path, tree: Any) -> None:
-    """Synchronously save a pytree of arrays with orbax."""
-    with ocp.StandardCheckpointer() as checkpointer:
+    """Synchronously save a pytree of arrays with orbax (from this process alone)."""
+    if jax.process_count() > 1:  # host-local arrays: orbax saves them as numpy
+        tree = jax.tree.map(np.asarray, tree)
+    with ocp.StandardCheckpointer(**_this_process_only()) as checkpointer:
         checkpointer.save(Path(path).absolute(), tree)
         checkpointer.wait_until_finished()
 
@@ -125,7 +140,7 @@ def restore_pytree(path: Path, abstract: Any) -> Any:
     numpy params would be copied into every jitted call.
     """
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer(**_this_process_only()) as checkpointer:
             return jax.device_put(checkpointer.restore(Path(path).absolute(), abstract))
     except Exception as err:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
         lines = str(err).strip().splitlines()

@@ -29,7 +29,7 @@ from yoro_jax.config import LlamaConfig
 # the decoders, importable from here too (the engine's public API)
 from yoro_jax.decoders import Decoder, LlamaDecoder, RecordingDecoder, step, take_rows  # noqa: E402, F401
 from yoro_jax.sampling import SamplingConfig, sample_tokens
-from yoro_jax.sharding import shard_batch
+from yoro_jax.sharding import shard_batch, to_host
 
 MIN_BUCKET = 16
 GREEDY = SamplingConfig()
@@ -243,8 +243,8 @@ def generate_tokens(
     stopped_at: dict[int, tuple[int, str]] = {}  # row -> (n tokens, text)
     while True:
         # a speculative cycle can pass max_new_tokens: the rest is cut here
-        n_out, done = min(int(state["n_out"]), max_new_tokens), np.asarray(state["done"])
-        out = np.asarray(state["out"][:, :n_out])
+        n_out, done = min(int(to_host(state["n_out"])), max_new_tokens), to_host(state["done"])
+        out = to_host(state["out"])[:, :n_out]
         if stop:
             for row in range(batch):
                 if row not in stopped_at:
@@ -268,17 +268,17 @@ def generate_tokens(
         stats.update(speculative.summarise(state["stats"], decoder.k))
     layers = decoder.reasoning_layers(state["caches"])
     if layers is not None:
-        for completion, count in zip(completions, np.asarray(layers).tolist(), strict=True):
+        for completion, count in zip(completions, to_host(layers).tolist(), strict=True):
             completion.reasoning_layers = int(count)
     if isinstance(decoder, RecordingDecoder):
-        states, width = np.asarray(decoder.recorded(state["caches"])), tokens.shape[1]
+        states, width = to_host(decoder.recorded(state["caches"])), tokens.shape[1]
         for row, completion in enumerate(completions[:n_prompts]):
             n, p = len(completion.tokens), len(prompts[row])
             completion.prompt_states = states[row, :, width - p : width]
             completion.response_states = states[row, :, width : width + n].copy()
             completion.response_states[:, n - 1] = 0  # not fed back (or fed after the end)
     if record_top_k:
-        top_ids, top_logprobs = np.asarray(state["top_ids"]), np.asarray(state["top_logprobs"])
+        top_ids, top_logprobs = to_host(state["top_ids"]), to_host(state["top_logprobs"])
         for row, completion in enumerate(completions):
             n = len(completion.tokens)
             completion.top_ids, completion.top_logprobs = top_ids[row, :n], top_logprobs[row, :n]

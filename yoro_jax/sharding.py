@@ -8,7 +8,11 @@ replicated over ``data``. ``jax.jit`` then inserts the all-gathers and reduce-sc
 
 Multi-host: call :func:`initialize_distributed` first (``jax.distributed.initialize``
 reads the coordinator from the environment on managed clusters, or takes flags); each
-process then loads its own slice of every batch (:func:`host_batch_to_global`).
+process collates the same global batch and places its own devices' rows
+(:func:`global_batch_to_mesh`), so every host pads to the same shapes. Files
+that are not a sharded checkpoint (a converted base model, teacher data, exported nets,
+logs) are written by process 0 alone (:func:`is_primary`) and read by every process
+after a barrier (:func:`sync_processes`).
 """
 
 from __future__ import annotations
@@ -103,22 +107,57 @@ def shard_params(tree: Any, mesh: Mesh | None) -> Any:
 
 
 def shard_batch(tree: Any, mesh: Mesh | None) -> Any:
-    """Put a (global, host-local on one host) batch on the mesh, split over all devices."""
+    """Put a global batch on the mesh, split over all devices. Multi-host: every process
+    passes the same global batch (so every host pads it to the same shapes) and places only
+    the rows its own devices hold."""
     if mesh is None:
         return jax.tree.map(jax.numpy.asarray, tree)
     batch = jax.tree.leaves(tree)[0].shape[0]
     if batch % mesh.size:
         raise ValueError(f"batch of {batch} rows does not split over {mesh.size} devices")
     if jax.process_count() > 1:
-        return host_batch_to_global(tree, mesh)
+        return global_batch_to_mesh(tree, mesh)
     return jax.device_put(tree, batch_shardings(tree, mesh))
 
 
-def host_batch_to_global(tree: Any, mesh: Mesh) -> Any:
-    """Multi-host: each process passes its own rows; returns the global sharded arrays."""
-    from jax.experimental import multihost_utils
+def global_batch_to_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Multi-host: the global arrays of a batch every process holds whole; each process
+    copies just the slices of its addressable devices."""
 
-    return multihost_utils.host_local_array_to_global_array(tree, mesh, BATCH_SPEC)
+    def place(leaf: Any, sharding: NamedSharding) -> jax.Array:
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, tree, batch_shardings(tree, mesh))
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's single-writer files (process 0)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across processes (a no-op on one): what process 0 wrote before it is
+    there for everyone after it."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A whole array as numpy on this process. An array spanning other processes' devices
+    (multi-host, on a mesh) is all-gathered: every process must make the same call."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def gather_to_host(tree: Any) -> Any:
+    """:func:`to_host` on every leaf."""
+    return jax.tree.map(to_host, tree)
 
 
 def initialize_distributed(

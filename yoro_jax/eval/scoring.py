@@ -13,8 +13,9 @@ and requests that share a context (the choices of a multiple-choice question) sh
 prefill: every continuation of a context is scored against the same caches.
 
 Static shapes: a batch holds a power-of-two number of distinct contexts (left-padded to a
-bucketed width P) and of continuations (right-padded to a bucketed width R), so XLA
-compiles one program per bucket, not one per batch.
+bucketed width P: multiples of 16, 4 buckets per power of two) and of continuations
+(right-padded to a power-of-two width R), so XLA compiles one program per bucket, not one
+per batch.
 """
 
 from __future__ import annotations
@@ -113,42 +114,52 @@ class Batch:
     width: int  # R
 
 
+def continuation_bucket(n: int) -> int:
+    """Continuation widths round up to a power of two (at least 4): continuations are short,
+    so padding them costs little, and fewer widths mean fewer compiled programs."""
+    return max(4, 1 << max(0, (n - 1).bit_length()))
+
+
 def plan_batches(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int
 ) -> Iterator[Batch]:
     """Batches of up to ``batch_size`` contexts and ``ROWS_PER_CONTEXT * batch_size``
     continuations with similar bucketed shapes, longest first.
 
-    Requests that share a context are kept together so they share its prefill (the four
-    choices of a question: 8 contexts and 32 continuation rows per pass). Sorting by
-    (P bucket, R bucket) keeps the number of compiled shapes to a handful; longest first
-    surfaces out-of-memory errors at once.
+    Requests are grouped by context first, so every continuation of a context (the
+    choices of a question) lands in the same batch and shares its one prefill; groups
+    are then ordered by (context bucket, widest continuation bucket), so a task compiles
+    a handful of programs, not one per batch. Longest first surfaces out-of-memory errors
+    at once.
     """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(pairs):
+        groups.setdefault(tuple(ctx), []).append(i)
+    max_rows = ROWS_PER_CONTEXT * batch_size
 
-    def key(i: int) -> tuple:
-        ctx, cont = pairs[i]
-        return length_bucket(len(ctx), 16), length_bucket(len(cont), 4), tuple(ctx)
+    def key(item: tuple[tuple[int, ...], list[int]]) -> tuple:
+        ctx, members = item
+        width = max(continuation_bucket(len(pairs[i][1])) for i in members)
+        return length_bucket(len(ctx), 16), width, ctx
 
-    def batch(requests: list[int], contexts: dict) -> Batch:
+    def batch(requests: list[int], contexts: list[tuple[int, ...]]) -> Batch:
         return Batch(
             requests,
-            list(contexts),
-            max(key(i)[0] for i in requests),
-            max(key(i)[1] for i in requests),
+            contexts,
+            max(length_bucket(len(c), 16) for c in contexts),
+            max(continuation_bucket(len(pairs[i][1])) for i in requests),
         )
 
-    max_rows = ROWS_PER_CONTEXT * batch_size
     current: list[int] = []
-    contexts: dict[tuple[int, ...], None] = {}
-    for i in sorted(range(len(pairs)), key=key, reverse=True):
-        ctx = tuple(pairs[i][0])
-        if current and (
-            len(current) == max_rows or (ctx not in contexts and len(contexts) == batch_size)
-        ):
-            yield batch(current, contexts)
-            current, contexts = [], {}
-        current.append(i)
-        contexts[ctx] = None
+    contexts: list[tuple[int, ...]] = []
+    for ctx, members in sorted(groups.items(), key=key, reverse=True):
+        for start in range(0, len(members), max_rows):  # a context with very many continuations
+            chunk = members[start : start + max_rows]
+            if current and (len(contexts) == batch_size or len(current) + len(chunk) > max_rows):
+                yield batch(current, contexts)
+                current, contexts = [], []
+            current += chunk
+            contexts.append(ctx)
     if current:
         yield batch(current, contexts)
 
