@@ -201,3 +201,29 @@ def test_incomplete_directory_does_not_load(tmp_path):
     (tmp_path / "out" / "yoro_jax.json").unlink()
     with pytest.raises(CheckpointError, match="not a complete yoro-jax model directory"):
         load_model(tmp_path / "out")
+
+
+def test_a_killed_writer_leaves_nothing_the_next_one_trips_over(tmp_path):
+    """SIGKILL inside ``atomic_directory`` leaves its hidden partial dir; the next writer of
+    the same output removes it (its pid is dead) and writes the output."""
+    import subprocess
+    import sys
+
+    from yoro_jax.checkpoint import atomic_directory
+
+    out = tmp_path / "model"
+    script = (
+        "import os, sys\n"
+        "from yoro_jax.checkpoint import atomic_directory\n"
+        "with atomic_directory(sys.argv[1]) as tmp:\n"
+        "    (tmp / 'half-written').write_text('x')\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True)
+    assert killed.returncode == -9
+    [left] = tmp_path.glob(".model.partial-*")
+    assert not out.exists()
+    with atomic_directory(out) as tmp:
+        (tmp / "done").write_text("ok")
+    assert not left.exists() and (out / "done").read_text() == "ok"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -236,6 +236,8 @@ def test_generate_cli_checks_its_input_before_any_allocation(tmp_path, capsys):
         (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
         (["--prompt", "  "], "--prompt is empty"),
         (["--prompt", "hi", "--speculative", "0", "--yoro", missing], "needs K >= 1"),
+        # argv bytes that are not UTF-8 (Latin-1 \xe9) reach Python as lone surrogates
+        (["--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], "byte 0xe9 at character 3"),
     ]:
         assert main(["--model", missing, *args]) == 2
         assert message in capsys.readouterr().err

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -151,21 +153,53 @@ def restore_pytree(path: Path, abstract: Any) -> Any:
         ) from err
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-"
+
+
+def sweep_dead_partials(out: Path) -> list[Path]:
+    """Remove the temporary siblings (``.NAME.partial-HOST-PID-*``, ``.NAME.old-...``) that
+    a writer of ``out`` on this host left when it was killed; returns what was removed."""
+    removed = []
+    host = socket.gethostname()
+    for kind in ("partial", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-{host}-*-*"):
+            pid = path.name[len(f".{out.name}.{kind}-{host}-") :].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
 @contextmanager
 def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out`` only if the block succeeds."""
+    """Yield a temporary directory that replaces ``out`` only if the block succeeds. The
+    temporary names carry host and pid, so what a killed writer left is removed by the
+    next writer of the same ``out``."""
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    for path in sweep_dead_partials(out):
+        print(f"removed {path}, left by a killed writer", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{_owner_tag()}", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like mkdir's
     try:
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{_owner_tag()}", dir=out.parent))
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old)

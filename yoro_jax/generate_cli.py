@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from yoro_jax.generate import encode_prompt, generate_tokens, special_ids
-from yoro_jax.models import make_decoders
+from yoro_jax.models import make_decoders, resolve_model
 from yoro_jax.sampling import SamplingConfig
 from yoro_jax.speculative import DEFAULT_K
 
@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default=None,
-        help="model directory from `python -m convert` (default with --yoro: the base the "
-        "YORO nets were trained on)",
+        help="model directory from `python -m convert`, or 'smollm2' (the embedded default, "
+        "fetched and converted on first use); default with --yoro: the base the YORO nets "
+        "were trained on",
     )
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
@@ -76,8 +77,17 @@ def stream_printer(tokenizer: Any, file: Any = None) -> Callable[[list[list[int]
     return update
 
 
+def _undecodable(text: str) -> tuple[int, int] | None:
+    """(position, byte) of the first byte the OS could not decode as UTF-8: Python keeps
+    such argv bytes as lone surrogates, which no tokenizer accepts."""
+    for position, char in enumerate(text):
+        if 0xDC80 <= ord(char) <= 0xDCFF:
+            return position, ord(char) - 0xDC00
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    from yoro_jax.checkpoint import CheckpointError, load_model, recorded_base, resolve_nets
+    from yoro_jax.checkpoint import CheckpointError, recorded_base, resolve_nets
     from yoro_jax.config import ConfigError
 
     args = build_parser().parse_args(argv)
@@ -91,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     if any(not p.strip() for p in args.prompt):
         print("error: --prompt is empty; give the text to answer", file=sys.stderr)
         return 2
+    for number, text in enumerate(args.prompt, 1):
+        bad = _undecodable(text)
+        if bad is not None:
+            print(
+                f"error: --prompt {number} is not UTF-8 text (byte 0x{bad[1]:02x} at character "
+                f"{bad[0]}); give it in UTF-8 (e.g. iconv -t utf-8)",
+                file=sys.stderr,
+            )
+            return 2
     if args.speculative is not None and args.speculative < 1:
         print(f"error: --speculative K needs K >= 1, got {args.speculative}", file=sys.stderr)
         return 2
@@ -102,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             args.yoro = resolve_nets(args.yoro)
         if args.model is None:
             args.model = recorded_base(args.yoro)
-        model = load_model(args.model, dtype=args.dtype)
+        model = resolve_model(args.model, dtype=args.dtype)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         decoders = make_decoders(
             model, args.yoro, args.compare, unscan=not args.scan, speculative=args.speculative
