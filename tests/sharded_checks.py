@@ -122,6 +122,8 @@ def main() -> dict:
             "sharded_frozen_leaves": sharded_leaves(frozen),
             "sharded_state_leaves": sharded_leaves(new_state),
         }
+        if (data, fsdp) == (4, 2):  # generation and scoring: pure data parallel and FSDP-heavy
+            continue
         full = generate_tokens(LlamaDecoder(base.config), frozen, prompts, mesh=mesh, **gen)
         yoro = generate_tokens(
             YoroDecoder(model), (frozen, shard_params(trainable, mesh)), prompts, mesh=mesh, **gen
@@ -164,6 +166,7 @@ def trainer_resume_across_meshes() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         single = train(smoke, [f"run_dir={tmp}/single", *common])["state"]["trainable"]
         run = f"{tmp}/sharded"
+        shutil.copytree(f"{tmp}/single/teacher", f"{run}/teacher")  # same data: made once
         train(smoke, [f"run_dir={run}", "mesh.data=2", "mesh.fsdp=4", *common])
         shutil.rmtree(f"{run}/checkpoints/6")  # as if killed after the step-4 checkpoint
         resumed = train(smoke, [f"run_dir={run}", "mesh.data=4", "mesh.fsdp=2", *common])

@@ -41,12 +41,12 @@ def test_sharded_train_step_equals_single_device(report, mesh):
         assert row["sharded_frozen_leaves"] > 0 and row["sharded_state_leaves"] > 0
 
 
-@pytest.mark.parametrize("mesh", ["8x1", "4x2", "2x4"])
+@pytest.mark.parametrize("mesh", ["8x1", "2x4"])
 def test_sharded_generation_equals_unsharded(report, mesh):
     assert report["generate"][mesh] == {"full_identical": True, "yoro_identical": True}
 
 
-@pytest.mark.parametrize("mesh", ["8x1", "4x2", "2x4"])
+@pytest.mark.parametrize("mesh", ["8x1", "2x4"])
 def test_sharded_lm_eval_scoring_equals_unsharded(report, mesh):
     row = report["score"][mesh]
     assert row["loglik_diff"] <= 1e-4 and row["greedy_identical"]

@@ -1,11 +1,16 @@
 #!/bin/bash
-# The full standard splits, full model then YORO (the main job's nets), through the CLI.
-# Run from the repo root with the venv active: bash logs/lm_eval/full_splits.sh
-set -euo pipefail
+# The full standard splits through the CLI, one task per process (each result is kept as
+# it finishes), smallest first; full model, then YORO with the main job's nets.
+# Run from the repo root with the venv active: bash logs/lm_eval/full_splits.sh [full|yoro]
+set -uo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-TASKS=offline_copa,offline_arc_challenge,offline_arc_easy,offline_openbookqa,offline_winogrande,offline_piqa,offline_boolq,offline_lambada_openai
-for MODE in full yoro; do
-  ARGS="model=smollm2"; [ $MODE = yoro ] && ARGS="yoro=runs/smollm2-cpu,mode=yoro"
-  /usr/bin/time -v python -m yoro_jax.eval --model_args $ARGS --tasks $TASKS \
-    --output_path logs/lm_eval/$MODE > logs/lm_eval/$MODE.log 2> logs/lm_eval/$MODE.err
+TASKS="offline_copa offline_arc_challenge offline_openbookqa offline_winogrande offline_arc_easy offline_piqa offline_lambada_openai offline_boolq"
+for MODE in "${@:-full yoro}"; do
+  ARGS="model=smollm2"; [ "$MODE" = yoro ] && ARGS="yoro=runs/smollm2-cpu,mode=yoro"
+  for TASK in $TASKS; do
+    start=$(date +%s)
+    python -m yoro_jax.eval --model_args $ARGS --tasks $TASK --output_path logs/lm_eval/$MODE \
+      > logs/lm_eval/$MODE-$TASK.log 2> logs/lm_eval/$MODE-$TASK.err
+    echo "$MODE $TASK rc=$? $(( $(date +%s) - start )) s" >> logs/lm_eval/timings.txt
+  done
 done
