@@ -145,37 +145,7 @@ def main() -> dict:
             "yoro_identical": [c.tokens for c in yoro] == ref_yoro,
         }
     report["checkpoint"] = checkpoint_across_meshes(fresh_state())
-    report["trainer"] = trainer_resume_across_meshes()
     return report
-
-
-def trainer_resume_across_meshes() -> dict:
-    """``python -m train`` on mesh 2x4, resumed from step 4 on mesh 4x2, vs one device."""
-    import shutil
-
-    from train.trainer import train
-
-    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
-    common = [
-        "train.max_steps=6",
-        "checkpoint.every_steps=2",
-        "checkpoint.keep=3",
-        "eval.sample_prompts=[]",
-        "eval.every_steps=1000",
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        single = train(smoke, [f"run_dir={tmp}/single", *common])["state"]["trainable"]
-        run = f"{tmp}/sharded"
-        shutil.copytree(f"{tmp}/single/teacher", f"{run}/teacher")  # same data: made once
-        train(smoke, [f"run_dir={run}", "mesh.data=2", "mesh.fsdp=4", *common])
-        shutil.rmtree(f"{run}/checkpoints/6")  # as if killed after the step-4 checkpoint
-        resumed = train(smoke, [f"run_dir={run}", "mesh.data=4", "mesh.fsdp=2", *common])
-    state = resumed["state"]["trainable"]
-    return {
-        "trainable_diff": max_diff(state, single),
-        "sharded_leaves": sharded_leaves(state),
-        "final_step": int(resumed["step"]),
-    }
 
 
 def checkpoint_across_meshes(state) -> dict:

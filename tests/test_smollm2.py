@@ -75,7 +75,8 @@ def test_generate_cli_streams_a_chat_answer(smollm2_dir, capsys):
 
 def test_generate_cli_rejects_a_missing_model(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "none"), "--prompt", "hi"]) == 2
-    assert "model directory not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not a model directory" in err and "'smollm2'" in err
 
 
 # ------------------------------------------------------------------ YORO on SmolLM2
