@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from yoro_jax.batch import left_pad  # noqa: E402
+from yoro_jax.yoro import YoroConfig  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,3 +298,27 @@ def kill_then_resume(
     assert f"from step {resumed_from}" in resumed.stderr
     assert stopped_says in killed.stderr, killed.stderr[-2000:]
     return reference, run_dir
+
+
+# a tiny model directory with trained-shaped YORO nets (eval and standard-task tests)
+YCFG = YoroConfig(1, 1, 1, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random model directory (byte tokenizer) and trained-shaped YORO nets for it."""
+    from train.tiny import tiny_random_model
+    from yoro_jax.checkpoint import save_yoro, write_model_dir
+    from yoro_jax.yoro import init_trainable
+
+    model = tiny_random_model(seed=3, num_layers=4)
+    root = tmp_path_factory.mktemp("eval")
+    fingerprint = write_model_dir(
+        root / "model", model.config, model.params, model.tokenizer.save_pretrained, "tiny-random"
+    )
+    trainable = init_trainable(YCFG, model.config, jax.random.key(1))
+    trainable = jax.tree.map(
+        lambda a: a + 0.02 * jax.random.normal(jax.random.key(2), a.shape), trainable
+    )
+    save_yoro(root / "nets", YCFG, trainable, root / "model", fingerprint)
+    return model, trainable, root

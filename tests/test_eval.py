@@ -12,35 +12,14 @@ import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
 
-from tests.conftest import cached_logits
+from tests.conftest import YCFG, cached_logits
 from yoro_jax import llama
-from yoro_jax.checkpoint import save_yoro, write_model_dir
 from yoro_jax.decoders import YoroDecoder
 from yoro_jax.eval import TASKS_DIR
 from yoro_jax.eval.lm import YoroJaxLM
 from yoro_jax.eval.scoring import plan_batches, score_pairs
 from yoro_jax.generate import LlamaDecoder
-from yoro_jax.yoro import Yoro, YoroConfig, init_trainable
-
-YCFG = YoroConfig(1, 1, 1, 1, 1)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random model directory (byte tokenizer) and trained-shaped YORO nets for it."""
-    from train.tiny import tiny_random_model
-
-    model = tiny_random_model(seed=3, num_layers=4)
-    root = tmp_path_factory.mktemp("eval")
-    fingerprint = write_model_dir(
-        root / "model", model.config, model.params, model.tokenizer.save_pretrained, "tiny-random"
-    )
-    trainable = init_trainable(YCFG, model.config, jax.random.key(1))
-    trainable = jax.tree.map(
-        lambda a: a + 0.02 * jax.random.normal(jax.random.key(2), a.shape), trainable
-    )
-    save_yoro(root / "nets", YCFG, trainable, root / "model", fingerprint)
-    return model, trainable, root
+from yoro_jax.yoro import Yoro
 
 
 def random_pairs(seed: int, n: int, vocab: int) -> list[tuple[list[int], list[int]]]:

@@ -116,22 +116,9 @@ def test_stock_tasks_keep_their_hub_datasets(manager):
 
 
 @pytest.fixture(scope="module")
-def tiny_nets(tmp_path_factory):
-    import jax
-
-    from tests.test_eval import YCFG
-    from train.tiny import tiny_random_model
-    from yoro_jax.checkpoint import save_yoro, write_model_dir
-    from yoro_jax.yoro import init_trainable
-
-    model = tiny_random_model(seed=3, num_layers=4)
-    root = tmp_path_factory.mktemp("standard")
-    fingerprint = write_model_dir(
-        root / "model", model.config, model.params, model.tokenizer.save_pretrained, "tiny-random"
-    )
-    trainable = init_trainable(YCFG, model.config, jax.random.key(1))
-    save_yoro(root / "nets", YCFG, trainable, root / "model", fingerprint)
-    return root
+def tiny_nets(tiny):
+    """conftest's tiny model directory and trained-shaped nets: root/model, root/nets."""
+    return tiny[2]
 
 
 def test_cli_runs_an_offline_standard_task_with_no_hub(tiny_nets, tmp_path, data):

@@ -149,19 +149,12 @@ def rebuild(schema: str, request: dict) -> dict:
     """The hub-schema record of one oe-eval request's ``doc``. ARC answer labels come out
     as A, B, C, ... (the hub has a few 1, 2, 3, 4); lm-eval scores by index, so the same."""
     doc = request["doc"]
-    if schema == "arc":
+    question_key = {"arc": "question", "openbookqa": "question_stem"}.get(schema)
+    if question_key is not None:  # the two multiple-choice schemas differ only here
         choices = _labelled(doc)
         return {
             "id": doc["id"],
-            "question": _question(doc["query"]),
-            "choices": choices,
-            "answerKey": choices["label"][doc["gold"]],
-        }
-    if schema == "openbookqa":
-        choices = _labelled(doc)
-        return {
-            "id": doc["id"],
-            "question_stem": _question(doc["query"]),
+            question_key: _question(doc["query"]),
             "choices": choices,
             "answerKey": choices["label"][doc["gold"]],
         }
