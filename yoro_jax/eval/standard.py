@@ -413,5 +413,5 @@ def wants_standard_tasks(task_names: list[str] | str | None) -> bool:
     """Whether a ``--tasks`` value names an offline standard task or group."""
     if not task_names:
         return False
-    names = task_names.split(",") if isinstance(task_names, str) else list(task_names)
-    return any(n.strip().startswith(PREFIX) for part in names for n in str(part).split(","))
+    parts = [task_names] if isinstance(task_names, str) else list(task_names)
+    return any(n.strip().startswith(PREFIX) for part in parts for n in str(part).split(","))
