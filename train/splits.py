@@ -6,8 +6,9 @@ speed-up over the full model, same prompts, steps and seed, one table and one pl
 
 A split is E,C,Lc (embedding, coherence, compensation layers). Each trains its own run
 (its stored features depend on the split; the prompts are the same). Decode speed: greedy
-KV-cached generation at batch 1 with the trained nets, full model and YORO side by side,
-best of ``--repeats``. Writes ``OUT/splits.json``, ``OUT/splits.md``, ``OUT/splits.png``.
+KV-cached generation at batch 1 with the trained nets and unscanned layers (as the generate
+CLI decodes), full model and YORO timed in turn beside every split, best of ``--repeats``.
+Writes ``OUT/splits.json``, ``OUT/splits.md``, ``OUT/splits.png``.
 """
 
 from __future__ import annotations
@@ -23,22 +24,29 @@ from train.metrics import read_metrics
 from train.trainer import train
 from yoro_jax.checkpoint import load_yoro
 from yoro_jax.config import ConfigError
-from yoro_jax.decoders import YoroDecoder
-from yoro_jax.generate import LlamaDecoder, encode_prompt, generate_tokens
+from yoro_jax.generate import encode_prompt, generate_tokens
+from yoro_jax.models import make_decoders
 from yoro_jax.report import markdown_table
 from yoro_jax.yoro import Yoro, param_summary
 
 PROMPT = "Explain why the sky is blue."
 
 
-def tokens_per_s(decoder, params, prompts, new_tokens: int, repeats: int) -> float:
-    """Generated tokens per second, best of ``repeats`` after a warm-up (compile) run."""
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        generate_tokens(decoder, params, prompts, max_new_tokens=new_tokens, eos_ids=[], pad_id=0)
-        times.append(time.perf_counter() - start)
-    return len(prompts) * new_tokens / min(times[1:])
+def side_by_side_tokens_per_s(
+    decoders: dict[str, tuple], prompts: list[list[int]], new_tokens: int, repeats: int
+) -> dict[str, float]:
+    """Generated tokens per second of each decoder, best of ``repeats`` after a warm-up
+    (compile) run, the decoders timed in turn within each repeat so load drifts hit both."""
+    best = dict.fromkeys(decoders, float("inf"))
+    for repeat in range(repeats + 1):
+        for label, (decoder, params, _) in decoders.items():
+            start = time.perf_counter()
+            generate_tokens(
+                decoder, params, prompts, max_new_tokens=new_tokens, eos_ids=[], pad_id=0
+            )
+            if repeat:
+                best[label] = min(best[label], time.perf_counter() - start)
+    return {label: len(prompts) * new_tokens / t for label, t in best.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/splits")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    rows, results, full_tps = [], [], None
+    rows, results = [], []
     try:
         for split in args.splits:
             e, c, lc = (int(x) for x in split.split(","))
@@ -79,14 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             val = [r for r in read_metrics(run_dir) if r["split"] == "val"][-1]
             ycfg, nets, base = load_yoro(run_dir / "export")
             prompts = [encode_prompt(base.tokenizer, PROMPT, chat=True)]
-            if full_tps is None:
-                full = LlamaDecoder(base.config)
-                full_tps = tokens_per_s(full, base.params, prompts, args.new_tokens, args.repeats)
-            model = Yoro(base.config, ycfg)
-            yoro_tps = tokens_per_s(
-                YoroDecoder(model), (base.params, nets), prompts, args.new_tokens, args.repeats
-            )
-            summary = param_summary(model, base.params, nets)
+            # unscanned layers, as the generate CLI decodes; the full model timed again
+            # beside every split so each ratio is measured side by side
+            decoders = make_decoders(base, str(run_dir / "export"), compare=True)
+            speed = side_by_side_tokens_per_s(decoders, prompts, args.new_tokens, args.repeats)
+            full_tps, yoro_tps = speed["full"], speed["yoro"]
+            summary = param_summary(Yoro(base.config, ycfg), base.params, nets)
             layers = e + lc + c
             results.append(
                 {
