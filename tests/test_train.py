@@ -547,3 +547,62 @@ def test_a_damaged_teacher_shard_is_named(smoke_run, tmp_path, how):
         records = data_lib.TeacherRecords([damaged])
         for i in range(len(records)):
             records[i]
+
+
+def test_teacher_records_decode_from_many_threads_at_once():
+    """grain reads records in threads; numpy's header parsing is not thread-safe on CPython
+    3.11 (python/cpython#106905). Finalizers running during the parse and a tiny switch
+    interval make the race show within a second without the lock in ``deserialize``."""
+    import sys
+    import threading
+
+    import ml_dtypes
+
+    record = data_lib.serialize(
+        {"ids": np.arange(10, dtype=np.int32), "h": np.zeros((4, 8), ml_dtypes.bfloat16)}
+    )
+
+    class Cyclic:
+        def __del__(self):
+            sum(range(50))  # Python code inside a GC pass: a chance to switch threads
+
+    errors = []
+
+    def decode_many():
+        for _ in range(1500):
+            try:
+                out = data_lib.deserialize(record)
+            except SystemError as err:
+                errors.append(err)
+                return
+            assert out["h"].dtype == ml_dtypes.bfloat16
+            for _ in range(5):
+                a, b = Cyclic(), Cyclic()
+                a.other, b.other = b, a
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=decode_many) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+
+
+def test_an_interpreter_error_while_decoding_is_not_called_a_damaged_shard(smoke_run, monkeypatch):
+    """Only errors about the bytes say 'delete the shard': deleting data for an interpreter
+    fault would throw away good teacher answers."""
+    source, _ = smoke_run
+    shard = sorted((source / "teacher").glob("train-*.array_record"))[0]
+    records = data_lib.TeacherRecords([shard])
+
+    def fail(_):
+        raise SystemError("AST constructor recursion depth mismatch (before=66, after=63)")
+
+    monkeypatch.setattr(data_lib, "deserialize", fail)
+    with pytest.raises(SystemError, match="recursion depth mismatch"):
+        records[0]

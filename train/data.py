@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -226,10 +227,21 @@ def serialize(example: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+# numpy parses every .npy header with ast.literal_eval, and CPython 3.11 keeps the AST
+# builder's recursion counter per interpreter, not per thread: grain's reader threads
+# decoding at once fail now and then with "SystemError: AST constructor recursion depth
+# mismatch" (python/cpython#106905). Records are small; decoding them one at a time costs
+# little.
+_DECODE_LOCK = threading.Lock()
+
+# errors that say nothing about the bytes read: not reported as a damaged shard
+_NOT_DAMAGE = (SystemError, MemoryError, RecursionError)
+
+
 def deserialize(data: bytes) -> dict[str, np.ndarray]:
     import ml_dtypes
 
-    with np.load(io.BytesIO(data), allow_pickle=False) as f:
+    with _DECODE_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as f:
         return {
             k.removesuffix(_BF16): (f[k].view(ml_dtypes.bfloat16) if k.endswith(_BF16) else f[k])
             for k in f.files
@@ -258,6 +270,8 @@ class TeacherRecords:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         try:
             return deserialize(self._source[index])
+        except _NOT_DAMAGE:
+            raise
         except Exception as err:  # noqa: BLE001
             shard = self._paths[int(np.searchsorted(self._ends, index, side="right"))]
             raise _damaged(shard, err, f"record {index}") from err
