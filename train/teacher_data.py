@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from train.config import RunConfig
 from train.data import serialize
 from yoro_jax.config import ConfigError
+from yoro_jax.decoders import unscanned
 from yoro_jax.generate import LlamaDecoder, RecordingDecoder, generate_tokens, special_ids
 
 # Frozen features are stored for the training split only: validation recomputes them
@@ -138,6 +139,9 @@ def generate_teacher_data(
     )
     if not todo:
         return paths
+    # per-layer buffers, as the generate CLI decodes: on CPU a scan over the stacked
+    # weights copies every layer's slice on every step (docs/DESIGN.md §8)
+    params = unscanned(base.params)
     progress = tqdm(total=todo, desc="teacher responses", unit="prompt")
     started, new_tokens = time.perf_counter(), 0
     for split, prompts in splits.items():
@@ -153,7 +157,7 @@ def generate_teacher_data(
                 features = cfg.teacher.features and split in FEATURE_SPLITS
                 completions = generate_tokens(
                     recording if features else decoder,
-                    base.params,
+                    params,
                     [shard[i] for i in rows],
                     max_new_tokens=cfg.teacher.max_new_tokens,
                     eos_ids=eos,
