@@ -8,7 +8,7 @@ records the frozen features (as ``train.teacher`` does), with the layers as one 
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 
 from train.config import load_config
 from train.data import load_prompts
@@ -16,7 +16,7 @@ from train.prepare import resolve_base
 from train.teacher_data import feature_depths
 from yoro_jax.decoders import unscanned
 from yoro_jax.generate import RecordingDecoder, generate_tokens, special_ids
-from yoro_jax.report import markdown_table
+from yoro_jax.report import markdown_table, timed_in_turn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,23 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     decoder = RecordingDecoder(base.config, base.params["embed"].dtype, feature_depths(cfg, base))
     eos, pad = special_ids(base.config, base.tokenizer)
     layouts = {"stacked (scan)": base.params, "unscanned": unscanned(base.params)}
-    best = dict.fromkeys(layouts, float("inf"))
-    tokens = {}
-    for repeat in range(args.repeats + 1):  # round 0 compiles
-        for label, params in layouts.items():
-            start = time.perf_counter()
-            out = generate_tokens(
-                decoder,
-                params,
-                prompts,
-                max_new_tokens=args.new_tokens,
-                eos_ids=eos,
-                pad_id=pad,
-                record_top_k=cfg.teacher.top_k,
-            )
-            if repeat:
-                best[label] = min(best[label], time.perf_counter() - start)
-            tokens[label] = [c.tokens for c in out]
+    runs = {
+        label: partial(
+            generate_tokens,
+            decoder,
+            params,
+            prompts,
+            max_new_tokens=args.new_tokens,
+            eos_ids=eos,
+            pad_id=pad,
+            record_top_k=cfg.teacher.top_k,
+        )
+        for label, params in layouts.items()
+    }
+    best, outputs = timed_in_turn(runs, args.repeats)
+    tokens = {label: [c.tokens for c in out] for label, out in outputs.items()}
     same = tokens["stacked (scan)"] == tokens["unscanned"]
     rows = [
         [label, f"{t:.2f}", f"{len(prompts) / t:.2f}", f"{best['stacked (scan)'] / t:.2f}x"]

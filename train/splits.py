@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 from train.config import load_config
@@ -26,7 +26,7 @@ from yoro_jax.checkpoint import load_yoro
 from yoro_jax.config import ConfigError
 from yoro_jax.generate import encode_prompt, generate_tokens
 from yoro_jax.models import make_decoders
-from yoro_jax.report import markdown_table
+from yoro_jax.report import markdown_table, timed_in_turn
 from yoro_jax.yoro import Yoro, param_summary
 
 PROMPT = "Explain why the sky is blue."
@@ -37,15 +37,19 @@ def side_by_side_tokens_per_s(
 ) -> dict[str, float]:
     """Generated tokens per second of each decoder, best of ``repeats`` after a warm-up
     (compile) run, the decoders timed in turn within each repeat so load drifts hit both."""
-    best = dict.fromkeys(decoders, float("inf"))
-    for repeat in range(repeats + 1):
-        for label, (decoder, params, _) in decoders.items():
-            start = time.perf_counter()
-            generate_tokens(
-                decoder, params, prompts, max_new_tokens=new_tokens, eos_ids=[], pad_id=0
-            )
-            if repeat:
-                best[label] = min(best[label], time.perf_counter() - start)
+    runs = {
+        label: partial(
+            generate_tokens,
+            decoder,
+            params,
+            prompts,
+            max_new_tokens=new_tokens,
+            eos_ids=[],
+            pad_id=0,
+        )
+        for label, (decoder, params, _) in decoders.items()
+    }
+    best, _ = timed_in_turn(runs, repeats)
     return {label: len(prompts) * new_tokens / t for label, t in best.items()}
 
 
