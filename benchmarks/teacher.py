@@ -34,17 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     decoder = RecordingDecoder(base.config, base.params["embed"].dtype, feature_depths(cfg, base))
     eos, pad = special_ids(base.config, base.tokenizer)
     layouts = {"stacked (scan)": base.params, "unscanned": unscanned(base.params)}
+    options = {
+        "max_new_tokens": args.new_tokens,
+        "eos_ids": eos,
+        "pad_id": pad,
+        "record_top_k": cfg.teacher.top_k,
+    }
     runs = {
-        label: partial(
-            generate_tokens,
-            decoder,
-            params,
-            prompts,
-            max_new_tokens=args.new_tokens,
-            eos_ids=eos,
-            pad_id=pad,
-            record_top_k=cfg.teacher.top_k,
-        )
+        label: partial(generate_tokens, decoder, params, prompts, **options)
         for label, params in layouts.items()
     }
     best, outputs = timed_in_turn(runs, args.repeats)

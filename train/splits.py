@@ -37,16 +37,9 @@ def side_by_side_tokens_per_s(
 ) -> dict[str, float]:
     """Generated tokens per second of each decoder, best of ``repeats`` after a warm-up
     (compile) run, the decoders timed in turn within each repeat so load drifts hit both."""
+    options = {"max_new_tokens": new_tokens, "eos_ids": [], "pad_id": 0}
     runs = {
-        label: partial(
-            generate_tokens,
-            decoder,
-            params,
-            prompts,
-            max_new_tokens=new_tokens,
-            eos_ids=[],
-            pad_id=0,
-        )
+        label: partial(generate_tokens, decoder, params, prompts, **options)
         for label, (decoder, params, _) in decoders.items()
     }
     best, _ = timed_in_turn(runs, repeats)
