@@ -1,6 +1,7 @@
 """The whole-split table of docs/RESULTS.md (issue 17) from the lm-eval results JSONs that
 ``full_splits.sh`` writes: full model vs YORO per task, YORO's retained share of the full
-model's score, and of its margin above chance (the share that measures the nets).
+model's score, and of its margin above chance (the share that measures the nets; shown
+where the full model is more than 2 standard errors above chance).
 
     python logs/lm_eval/table.py   # from the repo root
 """
@@ -11,8 +12,9 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
-# chance accuracy: uniform over the choices (ARC has a few 3- and 5-choice questions);
-# BoolQ's majority answer ("yes") scores 0.62, LAMBADA's exact last word has no chance level
+# the floor a model that knows nothing reaches: uniform over the choices (ARC has a few 3-
+# and 5-choice questions); BoolQ's majority answer ("yes", 62% of the validation split);
+# LAMBADA's exact last word has none
 CHANCE = {
     "offline_copa": 0.5,
     "offline_arc_challenge": 0.25,
@@ -20,7 +22,7 @@ CHANCE = {
     "offline_openbookqa": 0.25,
     "offline_winogrande": 0.5,
     "offline_piqa": 0.5,
-    "offline_boolq": 0.5,
+    "offline_boolq": 0.62,
     "offline_hellaswag": 0.25,
     "offline_mmlu": 0.25,
     "offline_lambada_openai": 0.0,
@@ -61,7 +63,9 @@ def main() -> None:
                 cells = [f"{y:.2f}", f"×{y / f:.2f} perplexity", "–"]
             else:
                 chance = CHANCE[task]
-                kept = (y - chance) / (f - chance) if f > chance + 0.01 else None
+                # a margin within 2 standard errors of chance is noise: no share of it is shown
+                clear = f - chance > 2 * (err or 0.0)
+                kept = (y - chance) / (f - chance) if clear else None
                 cells = [f"{y:.3f}", f"{y / f:.0%}", "–" if kept is None else f"{kept:.0%}"]
             value = f"{f:.2f}" if metric == "perplexity" else f"{f:.3f}"
             value += f" ± {err:.3f}" if err is not None else ""
