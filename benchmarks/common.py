@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from yoro_jax.models import model_dir
-from yoro_jax.report import markdown_table  # noqa: F401  (re-exported for the scripts)
+from yoro_jax.report import (
+    markdown_table,  # noqa: F401  (re-exported for the scripts)
+    timed_in_turn,
+)
 
 # Chat prompts the decode benchmarks answer (row i of a batch gets prompt i).
 PROMPTS = [
@@ -34,13 +36,7 @@ def default_model_dir() -> Path:
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:
     """Minimum wall time of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return timed_in_turn({"fn": fn}, repeats)[0]["fn"]
 
 
 def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
